@@ -1,0 +1,18 @@
+// The schemas of every fedtreelora op, in one place. Kernels live in cpu/*.cpp and cuda/*.cu,
+// one file per backend and op; Python wrappers, input checks and fake kernels in fedtreelora/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fedtreelora, m) {
+  // x [N,P] client rows; layer l owns columns layer_offsets[l]:layer_offsets[l+1].
+  // metric: "frobenius" | "cosine". Returns (per_layer [L,N,N] f32, mean over layers [N,N] f32).
+  m.def("layer_distances(Tensor x, Tensor layer_offsets, str metric) -> (Tensor, Tensor)");
+  // d [N,N] f64 symmetric with zero diagonal -> scipy's Z [N-1,4] f64.
+  m.def("linkage(Tensor d, str method) -> Tensor");
+  // z [N-1,4] f64, n_clusters int64 [M] -> labels int64 [M,N] (scipy cut_tree semantics).
+  m.def("cut_tree(Tensor z, Tensor n_clusters) -> Tensor");
+  // d [L,N,N], labels int64 [L,M,N] -> mean silhouette [L,M] f32 (NaN where undefined).
+  m.def("silhouette(Tensor d, Tensor labels) -> Tensor");
+  // x [N,P], layer_offsets int64 [L+1], labels int64 [L,N] in [0,n_clusters), weights [N] > 0
+  // weights float64 (the wrapper converts) -> (cluster_mean [n_clusters,P], external_mean [n_clusters,P]) in x's dtype.
+  m.def("tree_reduce(Tensor x, Tensor layer_offsets, Tensor labels, Tensor weights, int n_clusters) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,294 @@
+"""Typed wrappers of the native ops (torch.ops.fedtreelora.*), their input checks and fake kernels.
+
+Every function checks its arguments and raises ValueError/TypeError naming the argument (and the
+client or layer) at fault, then runs the native kernel for the tensors' device, or the reference
+implementation when the native core is unavailable. Inputs are never modified. Under torch.compile
+only the checks that need no data (shapes, dtypes, devices) run; the kernels still refuse bad values.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _build, reference
+
+__all__ = ["layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce", "native_available",
+           "LINKAGE_METHODS", "METRICS"]
+
+LINKAGE_METHODS = ("single", "complete", "average", "weighted", "ward")
+METRICS = ("frobenius", "cosine")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+_NATIVE = _build.load_native()
+
+
+def native_available() -> bool:
+    """True when the compiled kernels are loaded (False: every op runs through fedtreelora.reference)."""
+    return _NATIVE
+
+
+def _checking_values() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+def _tensor(t, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def _check_rows(x: torch.Tensor, name: str = "x") -> None:
+    _tensor(x, name)
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [clients, parameters], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if x.shape[0] < 1:
+        raise ValueError(f"{name} has no clients (shape {tuple(x.shape)})")
+
+
+def _check_offsets(layer_offsets: torch.Tensor, p: int) -> None:
+    _tensor(layer_offsets, "layer_offsets")
+    if layer_offsets.dim() != 1 or layer_offsets.numel() < 2:
+        raise ValueError(f"layer_offsets must be 1-D with at least 2 entries (L+1), got shape {tuple(layer_offsets.shape)}")
+    if layer_offsets.dtype != torch.int64:
+        raise TypeError(f"layer_offsets must be int64, got {layer_offsets.dtype}")
+    if not _checking_values():
+        return
+    off = layer_offsets.tolist()
+    if off[0] != 0:
+        raise ValueError(f"layer_offsets must start at 0, got {off[0]}")
+    if off[-1] != p:
+        raise ValueError(f"layer_offsets must end at the number of columns P={p}, got {off[-1]}")
+    for l in range(len(off) - 1):
+        if off[l + 1] <= off[l]:
+            raise ValueError(f"layer_offsets must be strictly increasing: layer {l} spans [{off[l]}, {off[l + 1]})")
+
+
+def _raise_nonfinite(x: torch.Tensor, layer_offsets: torch.Tensor | None, what: str) -> None:
+    """Find the first client (and layer) holding NaN/Inf, or report an overflow in the computation."""
+    bad = ~torch.isfinite(x)
+    rows = bad.any(dim=1).nonzero().flatten().tolist()
+    if not rows:
+        raise ValueError(f"{what} overflowed: x is finite but its magnitudes are too large for the accumulation")
+    k = rows[0]
+    col = int(bad[k].nonzero()[0])
+    where = f"column {col}"
+    if layer_offsets is not None:
+        layer = int(torch.searchsorted(layer_offsets.cpu(), torch.tensor([col]), right=True)[0]) - 1
+        where = f"layer {layer}, column {col}"
+    raise ValueError(f"x has NaN or Inf values in client {k} ({where}); {len(rows)} client(s) affected")
+
+
+# ----------------------------------------------------------------------------------------------
+def layer_distances(x: torch.Tensor, layer_offsets: torch.Tensor, metric: str = "frobenius"):
+    """Pairwise client distances per layer and their mean over layers.
+
+    x: [N, P] float32/bfloat16/float16/float64; columns layer_offsets[l]:layer_offsets[l+1] are layer l.
+    metric: "frobenius" (euclidean distance of the flattened slices) or "cosine" (1 - cosine
+    similarity; a zero slice has similarity 0 with every other slice).
+    Returns (per_layer [L, N, N] float32, mean [N, N] float32): exact zero diagonal, exactly
+    symmetric, never negative.
+    """
+    _check_rows(x)
+    _check_offsets(layer_offsets, x.shape[1])
+    _same_device(x=x, layer_offsets=layer_offsets)
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    impl = torch.ops.fedtreelora.layer_distances if _NATIVE else reference.layer_distances
+    per_layer, mean = impl(x, layer_offsets, metric)
+    if _checking_values() and not bool(torch.isfinite(mean).all()):
+        _raise_nonfinite(x, layer_offsets, "layer_distances")
+    return per_layer, mean
+
+
+def _check_square(d: torch.Tensor, name: str = "d") -> None:
+    _tensor(d, name)
+    if d.dim() != 2 or d.shape[0] != d.shape[1]:
+        raise ValueError(f"{name} must be a square [N, N] distance matrix, got shape {tuple(d.shape)}")
+    if not d.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {d.dtype}")
+
+
+def linkage(d: torch.Tensor, method: str = "average") -> torch.Tensor:
+    """Agglomerative clustering of a square distance matrix, in scipy's Z format.
+
+    d: [N, N] symmetric, zero diagonal, finite, non-negative (converted to float64).
+    Returns Z [N-1, 4] float64, identical to scipy.cluster.hierarchy.linkage(squareform(d), method)
+    for inputs without ties (an empty [0, 4] for N = 1). Methods: single, complete, average,
+    weighted, ward. On a CUDA tensor the clustering runs on the host and Z returns to the device.
+    """
+    _check_square(d)
+    if method not in LINKAGE_METHODS:
+        raise ValueError(f"method must be one of {LINKAGE_METHODS}, got {method!r}")
+    d64 = d.to(torch.float64)
+    if _checking_values():
+        if not bool(torch.isfinite(d64).all()):
+            i, j = (~torch.isfinite(d64)).nonzero()[0].tolist()
+            raise ValueError(f"d has a NaN or Inf entry at [{i}, {j}]")
+        if bool((d64 < 0).any()):
+            i, j = (d64 < 0).nonzero()[0].tolist()
+            raise ValueError(f"d has a negative distance at [{i}, {j}]: {float(d64[i, j])}")
+        if bool((torch.diagonal(d64) != 0).any()):
+            i = int((torch.diagonal(d64) != 0).nonzero()[0])
+            raise ValueError(f"d must have a zero diagonal, d[{i}, {i}] = {float(d64[i, i])}")
+        if not torch.equal(d64, d64.T):
+            i, j = (d64 != d64.T).nonzero()[0].tolist()
+            raise ValueError(f"d must be exactly symmetric, d[{i}, {j}] = {float(d64[i, j])} != d[{j}, {i}] = {float(d64[j, i])}")
+    impl = torch.ops.fedtreelora.linkage if _NATIVE else reference.linkage
+    return impl(d64, method)
+
+
+def _check_linkage_matrix(z: torch.Tensor) -> None:
+    _tensor(z, "z")
+    if z.dim() != 2 or z.shape[1] != 4:
+        raise ValueError(f"z must be a linkage matrix [N-1, 4], got shape {tuple(z.shape)}")
+    if not _checking_values() or z.shape[0] == 0:
+        return
+    n = z.shape[0] + 1
+    ids = z[:, :2].to(torch.float64)
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError("z has NaN or Inf entries")
+    if bool((ids != ids.round()).any()) or bool((ids < 0).any()):
+        raise ValueError("z[:, :2] must hold non-negative integer cluster ids")
+    step = torch.arange(z.shape[0], device=z.device, dtype=torch.float64)
+    if bool((ids >= n + step[:, None]).any()):
+        i = int((ids >= n + step[:, None]).any(1).nonzero()[0])
+        raise ValueError(f"z row {i} refers to a cluster not formed before it (ids must be < {n + i})")
+
+
+def cut_tree(z: torch.Tensor, n_clusters) -> torch.Tensor:
+    """Labels of the partitions of the tree z into exactly n_clusters[m] clusters.
+
+    z: [N-1, 4] linkage matrix; n_clusters: int64 [M] (or a list/int) with values in [1, N].
+    Returns int64 [M, N], equal to scipy.cluster.hierarchy.cut_tree(z, n_clusters=n_clusters).T
+    (merges applied in Z's order, labels numbered by first appearance as scipy does).
+    """
+    _check_linkage_matrix(z)
+    if not isinstance(n_clusters, torch.Tensor):
+        n_clusters = torch.as_tensor(n_clusters, dtype=torch.int64, device=z.device).reshape(-1)
+    if n_clusters.dim() != 1:
+        raise ValueError(f"n_clusters must be 1-D [M], got shape {tuple(n_clusters.shape)}")
+    if n_clusters.dtype != torch.int64:
+        raise TypeError(f"n_clusters must be int64, got {n_clusters.dtype}")
+    _same_device(z=z, n_clusters=n_clusters)
+    n = z.shape[0] + 1
+    if _checking_values() and n_clusters.numel() and (bool((n_clusters < 1).any()) or bool((n_clusters > n).any())):
+        bad = [c for c in n_clusters.tolist() if not 1 <= c <= n]
+        raise ValueError(f"n_clusters must lie in [1, {n}] for a tree over {n} clients, got {bad}")
+    impl = torch.ops.fedtreelora.cut_tree if _NATIVE else reference.cut_tree
+    return impl(z.to(torch.float64), n_clusters)
+
+
+def _check_labels(labels: torch.Tensor, n: int, name: str = "labels") -> None:
+    _tensor(labels, name)
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64, got {labels.dtype}")
+    if labels.shape[-1] != n:
+        raise ValueError(f"{name} must have one entry per client (last dimension {n}), got shape {tuple(labels.shape)}")
+    if _checking_values() and labels.numel() and (bool((labels < 0).any()) or bool((labels >= n).any())):
+        bad = labels[(labels < 0) | (labels >= n)][0]
+        raise ValueError(f"{name} must lie in [0, N) with N={n} clients, found {int(bad)}")
+
+
+def silhouette(d: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean silhouette of many partitions under many distance matrices, batched.
+
+    d: [L, N, N] (or [N, N]) precomputed distances; labels: int64 [L, M, N] (or [M, N]) in [0, N).
+    Returns float32 [L, M] (or [M]): entry (l, m) equals
+    sklearn.metrics.silhouette_score(d[l], labels[l, m], metric="precomputed"), a singleton
+    scoring 0; NaN where sklearn refuses (fewer than 2 or more than N-1 distinct labels).
+    """
+    _tensor(d, "d")
+    _tensor(labels, "labels")
+    squeeze = d.dim() == 2
+    if squeeze:
+        d, labels = d.unsqueeze(0), labels.unsqueeze(0)
+    if d.dim() != 3 or d.shape[1] != d.shape[2]:
+        raise ValueError(f"d must be [L, N, N] (or [N, N]), got shape {tuple(d.shape)}")
+    if not d.is_floating_point():
+        raise TypeError(f"d must be a floating-point tensor, got {d.dtype}")
+    if labels.dim() != 3 or labels.shape[0] != d.shape[0]:
+        raise ValueError(f"labels must be [L, M, N] with L={d.shape[0]} (or [M, N] with a 2-D d), got shape {tuple(labels.shape)}")
+    _check_labels(labels, d.shape[1])
+    _same_device(d=d, labels=labels)
+    if _checking_values() and not bool(torch.isfinite(d).all()):
+        l, i, j = (~torch.isfinite(d)).nonzero()[0].tolist()
+        raise ValueError(f"d has a NaN or Inf entry at layer {l}, [{i}, {j}]")
+    impl = torch.ops.fedtreelora.silhouette if _NATIVE else reference.silhouette
+    out = impl(d, labels)
+    return out[0] if squeeze else out
+
+
+def tree_reduce(x: torch.Tensor, layer_offsets: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                n_clusters: int | None = None):
+    """Weighted cluster and external means of client rows, with a partition per layer, in one read of x.
+
+    x: [N, P]; layer_offsets: int64 [L+1]; labels: int64 [L, N], the cluster of each client in each
+    layer; weights: [N] finite and > 0 (sample counts, say); n_clusters: C, default 1 + max label
+    (pass it to avoid a device sync and under torch.compile).
+    Returns (cluster_mean [C, P], external_mean [C, P]) in x's dtype, accumulated in float64 on CPU
+    and float32 or better on CUDA: in the columns of layer l, row c is the weighted mean over the clients with
+    labels[l] == c, and the weighted mean over all the others; an external row whose cluster holds
+    every client is 0, and so are the rows of a label absent from layer l.
+    """
+    _check_rows(x)
+    n, p = x.shape
+    _check_offsets(layer_offsets, p)
+    n_layers = layer_offsets.numel() - 1
+    _tensor(labels, "labels")
+    if labels.dim() != 2 or labels.shape[0] != n_layers:
+        raise ValueError(f"labels must be [L, N] = [{n_layers}, {n}], got shape {tuple(labels.shape)}")
+    _check_labels(labels, n)
+    _tensor(weights, "weights")
+    if weights.dim() != 1 or weights.shape[0] != n:
+        raise ValueError(f"weights must be [N] = [{n}], got shape {tuple(weights.shape)}")
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating-point tensor, got {weights.dtype}")
+    _same_device(x=x, layer_offsets=layer_offsets, labels=labels, weights=weights)
+    if _checking_values():
+        bad = ~torch.isfinite(weights) | (weights <= 0)
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0])
+            raise ValueError(f"weights must be finite and > 0, client {k} has weight {float(weights[k])}")
+    if n_clusters is None:
+        n_clusters = int(labels.max()) + 1
+    elif _checking_values() and int(labels.max()) >= n_clusters:
+        raise ValueError(f"labels hold cluster {int(labels.max())} but n_clusters={n_clusters}")
+    impl = torch.ops.fedtreelora.tree_reduce if _NATIVE else reference.tree_reduce
+    cluster, external = impl(x, layer_offsets, labels, weights.to(torch.float64), int(n_clusters))
+    if _checking_values() and not (bool(torch.isfinite(cluster).all()) and bool(torch.isfinite(external).all())):
+        _raise_nonfinite(x, layer_offsets, "tree_reduce")
+    return cluster, external
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake kernels: output shapes and dtypes without data, so torch.compile(fullgraph=True) can trace.
+if _NATIVE:
+
+    @torch.library.register_fake("fedtreelora::layer_distances")
+    def _(x, layer_offsets, metric):
+        n, n_layers = x.shape[0], layer_offsets.shape[0] - 1
+        return x.new_empty(n_layers, n, n, dtype=torch.float32), x.new_empty(n, n, dtype=torch.float32)
+
+    @torch.library.register_fake("fedtreelora::linkage")
+    def _(d, method):
+        return d.new_empty(max(d.shape[0] - 1, 0), 4, dtype=torch.float64)
+
+    @torch.library.register_fake("fedtreelora::cut_tree")
+    def _(z, n_clusters):
+        return z.new_empty(n_clusters.shape[0], z.shape[0] + 1, dtype=torch.int64)
+
+    @torch.library.register_fake("fedtreelora::silhouette")
+    def _(d, labels):
+        return d.new_empty(labels.shape[0], labels.shape[1], dtype=torch.float32)
+
+    @torch.library.register_fake("fedtreelora::tree_reduce")
+    def _(x, layer_offsets, labels, weights, n_clusters):
+        return x.new_empty(n_clusters, x.shape[1]), x.new_empty(n_clusters, x.shape[1])
