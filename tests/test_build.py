@@ -1,0 +1,86 @@
+"""The JIT build: cache key, reference fallback when no compiler works, and the hard-error switch."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedtreelora import _build
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    for name in ("FEDTREELORA_REQUIRE_NATIVE", "FEDTREELORA_DISABLE_NATIVE"):
+        if name not in env:
+            full_env.pop(name, None)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def test_cache_key_follows_sources_and_flags(tmp_path):
+    csrc = tmp_path / "csrc"
+    shutil.copytree(_build.source_dir(), csrc)
+    before = _build.build_plan(csrc).key()
+    assert before == _build.build_plan(csrc).key()
+    header = next(csrc.glob("include/*.h"))
+    header.write_text(header.read_text() + "\n// touched\n")
+    assert _build.build_plan(csrc).key() != before, "a header change must invalidate the cached build"
+    touched = _build.build_plan(csrc)
+    touched.cflags = touched.cflags + ["-DEXTRA"]
+    assert touched.key() != _build.build_plan(csrc).key(), "a flag change must invalidate the cached build"
+
+
+def test_plan_lists_every_cpu_kernel_and_cuda_only_when_asked(monkeypatch):
+    monkeypatch.setenv("FEDTREELORA_WITH_CUDA", "0")
+    plan = _build.build_plan()
+    names = {p.name for p in plan.sources}
+    assert "ops.cpp" in names and all(not n.endswith(".cu") for n in names)
+    assert {p.name for p in _build.source_dir().glob("cpu/*.cpp")} <= names
+    monkeypatch.setenv("FEDTREELORA_WITH_CUDA", "1")
+    cuda_plan = _build.build_plan()
+    assert {p.name for p in _build.source_dir().glob("cuda/*.cu")} <= {p.name for p in cuda_plan.sources}
+    assert cuda_plan.key() != plan.key()
+
+
+CHECK_FALLBACK = """
+import warnings, torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import fedtreelora
+assert not fedtreelora.native_available()
+assert any("reference implementation" in str(w.message) for w in caught), [str(w.message) for w in caught]
+per_layer, mean = fedtreelora.ops.layer_distances(torch.eye(3), torch.tensor([0, 3]))
+assert torch.allclose(mean, torch.full((3, 3), 2 ** 0.5) - torch.eye(3) * 2 ** 0.5)
+print("FALLBACK-OK")
+"""
+
+
+def test_broken_compiler_falls_back_to_reference_with_one_warning(tmp_path):
+    proc = _run(CHECK_FALLBACK, FEDTREELORA_CACHE_DIR=str(tmp_path), CXX="/bin/false", FEDTREELORA_WITH_CUDA="0")
+    assert "FALLBACK-OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_require_native_turns_a_failed_build_into_an_import_error(tmp_path):
+    proc = _run("import fedtreelora", FEDTREELORA_CACHE_DIR=str(tmp_path), CXX="/bin/false",
+                FEDTREELORA_WITH_CUDA="0", FEDTREELORA_REQUIRE_NATIVE="1")
+    assert proc.returncode != 0
+    assert "ImportError" in proc.stderr and "native core could not be built" in proc.stderr, proc.stderr
+
+
+def test_disable_native_uses_the_reference():
+    proc = _run("import fedtreelora; assert not fedtreelora.native_available(); "
+                "print(fedtreelora.ops._build.native_info()['error'])", FEDTREELORA_DISABLE_NATIVE="1")
+    assert proc.returncode == 0 and "FEDTREELORA_DISABLE_NATIVE" in proc.stdout, proc.stderr
+
+
+@pytest.mark.skipif(os.environ.get("FEDTREELORA_REQUIRE_NATIVE") != "1", reason="the suite runs without the native requirement")
+def test_native_core_is_loaded_with_every_op():
+    import fedtreelora
+
+    assert fedtreelora.native_available(), _build.native_info()
+    for op in ("layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fedtreelora::{op}", "CPU"), op
