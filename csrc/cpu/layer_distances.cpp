@@ -47,7 +47,17 @@ at::Tensor layer_gram(const at::Tensor& slice, bool cosine) {
     at::Tensor column_mean = at::sum(slice, {0}, /*keepdim=*/true, at::kDouble).div_(slice.size(0));
     at::sub_out(rows, slice, column_mean);
   }
-  return at::mm(rows, rows.t());
+  // Only the upper triangle is read, so compute a staircase of row blocks against the columns from
+  // the block's first row on: (k + 1) / 2k of the full GEMM for k blocks. The rest stays unwritten.
+  constexpr int64_t kBlockRows = 256;
+  const int64_t n = rows.size(0);
+  at::Tensor gram = at::empty({n, n}, rows.options());
+  for (int64_t start = 0; start < n; start += kBlockRows) {
+    const int64_t count = std::min(kBlockRows, n - start);
+    at::Tensor block = gram.narrow(0, start, count).narrow(1, start, n - start);
+    at::mm_out(block, rows.narrow(0, start, count), rows.narrow(0, start, n - start).t());
+  }
+  return gram;
 }
 
 namespace {

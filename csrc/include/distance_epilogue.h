@@ -59,10 +59,11 @@ namespace fedtreelora {
 std::vector<int64_t> check_layer_distances_args(const at::Tensor& x, const at::Tensor& layer_offsets,
                                                 c10::string_view metric, bool* cosine);
 
-// Gram matrix [n, n] of one layer's slice [n, w] in float32 (float64 for float64 input), after the
-// step that keeps it accurate: frobenius centres the columns (translation invariant; removes a
-// large common offset that would cancel catastrophically), cosine scales rows to unit norm
-// (scale invariant; no overflow or underflow in the squares). Both steps are computed in float64.
+// Gram matrix [n, n] of one layer's slice [n, w] in float32 (float64 for float64 input), upper
+// triangle and diagonal only (pair_distance never reads the rest, which is left uninitialised),
+// after the step that keeps it accurate: frobenius centres the columns (translation invariant;
+// removes a large common offset that would cancel catastrophically), cosine scales rows to unit
+// norm (scale invariant; no overflow or underflow in the squares). Both steps run in float64.
 at::Tensor layer_gram(const at::Tensor& slice, bool cosine);
 
 }  // namespace fedtreelora
