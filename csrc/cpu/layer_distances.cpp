@@ -2,7 +2,12 @@
 // slice, then a fused, row-parallel epilogue that writes the layer's distances and adds them into
 // the float64 sum over layers.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
 #include <torch/library.h>
 
 #include "distance_epilogue.h"
@@ -37,16 +42,7 @@ std::vector<int64_t> check_layer_distances_args(const at::Tensor& x, const at::T
   return offsets;
 }
 
-at::Tensor layer_gram(const at::Tensor& slice, bool cosine) {
-  const auto compute = slice.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor rows = at::empty(slice.sizes(), slice.options().dtype(compute));
-  if (cosine) {
-    at::Tensor norms = at::linalg_vector_norm(slice, 2, {1}, /*keepdim=*/true, at::kDouble);
-    at::div_out(rows, slice, norms.masked_fill(norms == 0, 1));  // zero rows stay zero
-  } else {
-    at::Tensor column_mean = at::sum(slice, {0}, /*keepdim=*/true, at::kDouble).div_(slice.size(0));
-    at::sub_out(rows, slice, column_mean);
-  }
+at::Tensor upper_gram(const at::Tensor& rows) {
   // Only the upper triangle is read, so compute a staircase of row blocks against the columns from
   // the block's first row on: (k + 1) / 2k of the full GEMM for k blocks. The rest stays unwritten.
   constexpr int64_t kBlockRows = 256;
@@ -61,6 +57,65 @@ at::Tensor layer_gram(const at::Tensor& slice, bool cosine) {
 }
 
 namespace {
+
+// Each step reads the slice (any float dtype, unit column stride) and accumulates in double; fused
+// by hand because ATen's mixed-dtype sum/sub/div would materialise float64 copies of it on CPU.
+
+// Frobenius: the slice minus its column means (accumulated in double), in out_t.
+template <typename in_t, typename out_t>
+void centre_columns(const at::Tensor& slice, at::Tensor& rows) {
+  const int64_t n = slice.size(0), w = slice.size(1), row_stride = slice.stride(0);
+  const in_t* src = slice.const_data_ptr<in_t>();
+  out_t* dst = rows.data_ptr<out_t>();
+  at::parallel_for(0, w, 256, [&](int64_t begin, int64_t end) {
+    std::vector<double> mean(end - begin, 0.0);
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t c = begin; c < end; ++c) mean[c - begin] += static_cast<double>(src[i * row_stride + c]);
+    }
+    for (double& m : mean) m /= static_cast<double>(n);
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t c = begin; c < end; ++c) {
+        dst[i * w + c] = static_cast<out_t>(static_cast<double>(src[i * row_stride + c]) - mean[c - begin]);
+      }
+    }
+  });
+}
+
+// Cosine: each row divided by its norm (accumulated in double), in out_t; zero rows stay zero.
+template <typename in_t, typename out_t>
+void normalise_rows(const at::Tensor& slice, at::Tensor& rows) {
+  const int64_t n = slice.size(0), w = slice.size(1), row_stride = slice.stride(0);
+  const in_t* src = slice.const_data_ptr<in_t>();
+  out_t* dst = rows.data_ptr<out_t>();
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / w), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const in_t* row = src + i * row_stride;
+      double sum_sq = 0.0;
+      for (int64_t c = 0; c < w; ++c) sum_sq += static_cast<double>(row[c]) * static_cast<double>(row[c]);
+      const double inverse = sum_sq == 0.0 ? 0.0 : 1.0 / sqrt(sum_sq);
+      for (int64_t c = 0; c < w; ++c) dst[i * w + c] = static_cast<out_t>(static_cast<double>(row[c]) * inverse);
+    }
+  });
+}
+
+// One layer's slice [n, w] made ready for the Gram trick, in float32 (float64 for float64 input):
+// frobenius subtracts the column means (distances are translation invariant; a large common offset
+// would otherwise cancel catastrophically), cosine scales rows to unit norm (scale invariant; no
+// overflow or underflow in the squares).
+at::Tensor prepared_rows(const at::Tensor& layer_slice, bool cosine) {
+  const at::Tensor slice = layer_slice.stride(1) == 1 ? layer_slice : layer_slice.contiguous();
+  at::Tensor rows;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, slice.scalar_type(), "layer_distances", [&] {
+    using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    rows = at::empty(slice.sizes(), slice.options().dtype(c10::CppTypeToScalarType<out_t>::value));
+    if (cosine) {
+      normalise_rows<scalar_t, out_t>(slice, rows);
+    } else {
+      centre_columns<scalar_t, out_t>(slice, rows);
+    }
+  });
+  return rows;
+}
 
 template <typename T>
 void distance_epilogue(const T* gram, float* out, double* total, int64_t n, bool cosine) {
@@ -87,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> layer_distances_cpu(const at::Tensor& x, cons
   at::Tensor per_layer = at::empty({layers, n, n}, x.options().dtype(at::kFloat));
   at::Tensor total = at::zeros({n, n}, x.options().dtype(at::kDouble));
   for (int64_t l = 0; l < layers; ++l) {
-    const at::Tensor gram = layer_gram(x.narrow(1, offsets[l], offsets[l + 1] - offsets[l]), cosine).contiguous();
+    const at::Tensor gram = upper_gram(prepared_rows(x.narrow(1, offsets[l], offsets[l + 1] - offsets[l]), cosine));
     float* out = per_layer.data_ptr<float>() + l * n * n;
     if (gram.scalar_type() == at::kDouble) {
       distance_epilogue(gram.data_ptr<double>(), out, total.data_ptr<double>(), n, cosine);

@@ -1,5 +1,5 @@
-// layer_distances on CUDA: per layer, the same ATen preparation and Gram matrix as on CPU (cuBLAS
-// through at::mm), then an epilogue kernel with one thread per (i, j) that writes the layer's
+// layer_distances on CUDA: per layer, the rows prepared through ATen and the same staircase Gram as
+// on CPU (cuBLAS through at::mm), then an epilogue kernel with one thread per (i, j) that writes the layer's
 // distances and adds them into the float64 sum over layers. The per-element math is shared with the
 // CPU kernel through distance_epilogue.h.
 #include <ATen/ATen.h>
@@ -15,6 +15,22 @@ namespace fedtreelora {
 namespace {
 
 constexpr int kThreads = 256;
+
+// One layer's slice [n, w] made ready for the Gram trick (see upper_gram in distance_epilogue.h),
+// in float32 (float64 for float64 input); ATen's CUDA kernels compute the mixed-dtype steps in
+// float64 on the fly.
+at::Tensor prepared_rows(const at::Tensor& slice, bool cosine) {
+  const auto compute = slice.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor rows = at::empty(slice.sizes(), slice.options().dtype(compute));
+  if (cosine) {
+    const at::Tensor norms = at::linalg_vector_norm(slice, 2, {1}, /*keepdim=*/true, at::kDouble);
+    at::div_out(rows, slice, norms.masked_fill(norms == 0, 1));  // zero rows stay zero
+  } else {
+    const at::Tensor column_mean = at::sum(slice, {0}, /*keepdim=*/true, at::kDouble).div_(slice.size(0));
+    at::sub_out(rows, slice, column_mean);
+  }
+  return rows;
+}
 
 template <typename T>
 __global__ void distance_epilogue_kernel(const T* gram, float* out, double* total, int64_t n, bool cosine) {
@@ -46,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> layer_distances_cuda(const at::Tensor& x, con
   at::Tensor per_layer = at::empty({layers, n, n}, x.options().dtype(at::kFloat));
   at::Tensor total = at::zeros({n, n}, x.options().dtype(at::kDouble));
   for (int64_t l = 0; l < layers; ++l) {
-    const at::Tensor gram = layer_gram(x.narrow(1, offsets[l], offsets[l + 1] - offsets[l]), cosine).contiguous();
+    const at::Tensor gram = upper_gram(prepared_rows(x.narrow(1, offsets[l], offsets[l + 1] - offsets[l]), cosine));
     float* out = per_layer.data_ptr<float>() + l * n * n;
     if (gram.scalar_type() == at::kDouble) {
       launch_epilogue<double>(gram, out, total, n, cosine);

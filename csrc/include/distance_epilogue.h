@@ -59,11 +59,10 @@ namespace fedtreelora {
 std::vector<int64_t> check_layer_distances_args(const at::Tensor& x, const at::Tensor& layer_offsets,
                                                 c10::string_view metric, bool* cosine);
 
-// Gram matrix [n, n] of one layer's slice [n, w] in float32 (float64 for float64 input), upper
-// triangle and diagonal only (pair_distance never reads the rest, which is left uninitialised),
-// after the step that keeps it accurate: frobenius centres the columns (translation invariant;
-// removes a large common offset that would cancel catastrophically), cosine scales rows to unit
-// norm (scale invariant; no overflow or underflow in the squares). Both steps run in float64.
-at::Tensor layer_gram(const at::Tensor& slice, bool cosine);
+// rows @ rows.T [n, n] through library GEMM on rows' device, upper triangle and diagonal only
+// (pair_distance never reads the rest, which is left uninitialised). Each backend prepares the rows
+// first (its own prepared_rows): frobenius subtracts the column means, cosine scales rows to unit
+// norm, both computed in float64, the result in float32 (float64 for float64 input).
+at::Tensor upper_gram(const at::Tensor& rows);
 
 }  // namespace fedtreelora
