@@ -181,9 +181,35 @@ def test_duplicates_and_zero_rows_exact_where_defined():
     assert float(fro_layers[0, 2, 4]) < 1e-6
 
 
-def test_opposite_and_scaled_rows_cosine():
-    a = torch.randn(1, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    x = torch.cat([a, -a, 1e30 * a, 1e-30 * a])  # huge and tiny rows: cosine is scale invariant
+@pytest.mark.parametrize("metric", ["frobenius", "cosine"])
+def test_many_clients_span_several_gemm_blocks(metric):
+    # The Gram is computed as a staircase of 256-row blocks; 600 clients make three, the last partial.
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(600, 40, generator=gen)
+    x[599] = x[0]  # a duplicate across blocks
+    offsets = torch.tensor([0, 3, 40])
+    per_layer, mean = ops.layer_distances(x, offsets, metric)
+    assert_structure(per_layer, mean, 600, 2)
+    assert_close_to_exact(per_layer, x, offsets, metric, [scipy_distances(s, metric) for s in layer_slices(x, offsets)])
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-18, 1e18, 1e30])
+def test_magnitudes_whose_squares_leave_float32(magnitude):
+    # Squares of 1e-30 underflow and of 1e30 overflow float32: rows are rescaled by a power of two.
+    x = (magnitude * torch.randn(30, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(5))).float()
+    offsets = torch.tensor([0, 7, 20])
+    per_layer, mean = ops.layer_distances(x, offsets, "frobenius")
+    assert_structure(per_layer, mean, 30, 2)
+    want = np.stack([cdist(s, s) for s in layer_slices(x, offsets)])
+    off_diagonal = ~np.eye(30, dtype=bool)
+    rel = np.abs(per_layer.double().numpy() - want)[:, off_diagonal] / want[:, off_diagonal]
+    assert rel.max() < 1e-5, f"relative error {rel.max():.3g}"
+
+
+@pytest.mark.parametrize("dtype, huge, tiny", [(torch.float64, 1e300, 1e-300), (torch.float32, 1e30, 1e-30)])
+def test_opposite_and_scaled_rows_cosine(dtype, huge, tiny):
+    a = torch.randn(1, 50, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    x = torch.cat([a, -a, huge * a, tiny * a])  # squares over/underflow: cosine is scale invariant
     per_layer, _ = ops.layer_distances(x, torch.tensor([0, 50]), "cosine")
     want = torch.tensor([[0, 2, 0, 0], [2, 0, 2, 2], [0, 2, 0, 0], [0, 2, 0, 0]], dtype=torch.float32)
     torch.testing.assert_close(per_layer[0], want, rtol=0, atol=1e-6)
@@ -226,8 +252,8 @@ def test_non_finite_input_names_client_and_layer(metric, bad):
         ops.layer_distances(x, GOOD_OFFSETS, metric)
 
 
-def test_overflow_is_reported_not_silent():
-    x = 1e30 * torch.randn(4, 6, generator=torch.Generator().manual_seed(3))  # squares overflow float32
+def test_distances_beyond_float32_are_reported_not_silent():
+    x = 1e300 * torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with pytest.raises(ValueError, match="overflowed"):
         ops.layer_distances(x, GOOD_OFFSETS, "frobenius")
 

@@ -56,6 +56,19 @@ at::Tensor upper_gram(const at::Tensor& rows) {
   return gram;
 }
 
+double rescale_rows(at::Tensor& rows) {
+  constexpr int kComfortable = 24;  // |exponent| of the largest magnitude left alone (the common case)
+  const double peak = at::linalg_vector_norm(rows, INFINITY).item<double>();
+  if (!std::isfinite(peak) || peak == 0.0) return 1.0;  // NaN/Inf propagate; all-equal rows give 0
+  int exponent = 0;
+  std::frexp(peak, &exponent);  // peak = m * 2^exponent, m in [0.5, 1)
+  if (std::abs(exponent) <= kComfortable) return 1.0;
+  const int limit = rows.scalar_type() == at::kDouble ? 1000 : 120;  // keep 2^-exponent representable
+  exponent = std::max(-limit, std::min(limit, exponent));
+  rows.mul_(std::ldexp(1.0, -exponent));
+  return std::ldexp(1.0, exponent);
+}
+
 namespace {
 
 // Each step reads the slice (any float dtype, unit column stride) and accumulates in double; fused
@@ -81,7 +94,8 @@ void centre_columns(const at::Tensor& slice, at::Tensor& rows) {
   });
 }
 
-// Cosine: each row divided by its norm (accumulated in double), in out_t; zero rows stay zero.
+// Cosine: each row divided by its norm, in out_t; zero rows stay zero. Rows are divided by their
+// largest magnitude first, so that the squares neither overflow nor underflow even in double.
 template <typename in_t, typename out_t>
 void normalise_rows(const at::Tensor& slice, at::Tensor& rows) {
   const int64_t n = slice.size(0), w = slice.size(1), row_stride = slice.stride(0);
@@ -90,10 +104,16 @@ void normalise_rows(const at::Tensor& slice, at::Tensor& rows) {
   at::parallel_for(0, n, std::max<int64_t>(1, 16384 / w), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const in_t* row = src + i * row_stride;
+      double peak = 0.0;
+      for (int64_t c = 0; c < w; ++c) peak = std::max(peak, std::abs(static_cast<double>(row[c])));
+      if (peak == 0.0) peak = 1.0;  // a zero row stays zero
       double sum_sq = 0.0;
-      for (int64_t c = 0; c < w; ++c) sum_sq += static_cast<double>(row[c]) * static_cast<double>(row[c]);
-      const double inverse = sum_sq == 0.0 ? 0.0 : 1.0 / sqrt(sum_sq);
-      for (int64_t c = 0; c < w; ++c) dst[i * w + c] = static_cast<out_t>(static_cast<double>(row[c]) * inverse);
+      for (int64_t c = 0; c < w; ++c) {
+        const double v = static_cast<double>(row[c]) / peak;
+        sum_sq += v * v;
+      }
+      const double inverse = sum_sq == 0.0 ? 0.0 : 1.0 / std::sqrt(sum_sq);  // sum_sq >= 1 unless zero
+      for (int64_t c = 0; c < w; ++c) dst[i * w + c] = static_cast<out_t>(static_cast<double>(row[c]) / peak * inverse);
     }
   });
 }
@@ -118,14 +138,14 @@ at::Tensor prepared_rows(const at::Tensor& layer_slice, bool cosine) {
 }
 
 template <typename T>
-void distance_epilogue(const T* gram, float* out, double* total, int64_t n, bool cosine) {
+void distance_epilogue(const T* gram, float* out, double* total, int64_t n, bool cosine, double scale) {
   const int64_t grain = std::max<int64_t>(1, 16384 / n);  // rows per task: enough work to pay for a thread
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t j = 0; j < n; ++j) {
-        const T d = pair_distance(gram, n, i, j, cosine);
+        const double d = static_cast<double>(pair_distance(gram, n, i, j, cosine)) * scale;
         out[i * n + j] = static_cast<float>(d);
-        total[i * n + j] += static_cast<double>(d);
+        total[i * n + j] += d;
       }
     }
   });
@@ -142,12 +162,14 @@ std::tuple<at::Tensor, at::Tensor> layer_distances_cpu(const at::Tensor& x, cons
   at::Tensor per_layer = at::empty({layers, n, n}, x.options().dtype(at::kFloat));
   at::Tensor total = at::zeros({n, n}, x.options().dtype(at::kDouble));
   for (int64_t l = 0; l < layers; ++l) {
-    const at::Tensor gram = upper_gram(prepared_rows(x.narrow(1, offsets[l], offsets[l + 1] - offsets[l]), cosine));
+    at::Tensor rows = prepared_rows(x.narrow(1, offsets[l], offsets[l + 1] - offsets[l]), cosine);
+    const double scale = cosine ? 1.0 : rescale_rows(rows);
+    const at::Tensor gram = upper_gram(rows);
     float* out = per_layer.data_ptr<float>() + l * n * n;
     if (gram.scalar_type() == at::kDouble) {
-      distance_epilogue(gram.data_ptr<double>(), out, total.data_ptr<double>(), n, cosine);
+      distance_epilogue(gram.data_ptr<double>(), out, total.data_ptr<double>(), n, cosine, scale);
     } else {
-      distance_epilogue(gram.data_ptr<float>(), out, total.data_ptr<double>(), n, cosine);
+      distance_epilogue(gram.data_ptr<float>(), out, total.data_ptr<double>(), n, cosine, scale);
     }
   }
   return {per_layer, total.div_(layers).to(at::kFloat)};

@@ -23,8 +23,11 @@ at::Tensor prepared_rows(const at::Tensor& slice, bool cosine) {
   const auto compute = slice.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor rows = at::empty(slice.sizes(), slice.options().dtype(compute));
   if (cosine) {
-    const at::Tensor norms = at::linalg_vector_norm(slice, 2, {1}, /*keepdim=*/true, at::kDouble);
-    at::div_out(rows, slice, norms.masked_fill(norms == 0, 1));  // zero rows stay zero
+    // Divided by the row's largest magnitude first: no overflow or underflow in the squares.
+    const at::Tensor peak = at::amax(at::abs(slice), {1}, /*keepdim=*/true).to(at::kDouble);
+    at::div_out(rows, slice, peak.masked_fill(peak == 0, 1));  // zero rows stay zero
+    const at::Tensor norms = at::linalg_vector_norm(rows, 2, {1}, /*keepdim=*/true, at::kDouble);
+    rows.div_(norms.masked_fill(norms == 0, 1));
   } else {
     const at::Tensor column_mean = at::sum(slice, {0}, /*keepdim=*/true, at::kDouble).div_(slice.size(0));
     at::sub_out(rows, slice, column_mean);
@@ -33,20 +36,21 @@ at::Tensor prepared_rows(const at::Tensor& slice, bool cosine) {
 }
 
 template <typename T>
-__global__ void distance_epilogue_kernel(const T* gram, float* out, double* total, int64_t n, bool cosine) {
+__global__ void distance_epilogue_kernel(const T* gram, float* out, double* total, int64_t n, bool cosine,
+                                         double scale) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (k >= n * n) return;
-  const T d = pair_distance(gram, n, k / n, k % n, cosine);
+  const double d = static_cast<double>(pair_distance(gram, n, k / n, k % n, cosine)) * scale;
   out[k] = static_cast<float>(d);
-  total[k] += static_cast<double>(d);
+  total[k] += d;
 }
 
 template <typename T>
-void launch_epilogue(const at::Tensor& gram, float* out, at::Tensor& total, int64_t n, bool cosine) {
+void launch_epilogue(const at::Tensor& gram, float* out, at::Tensor& total, int64_t n, bool cosine, double scale) {
   const int64_t blocks = (n * n + kThreads - 1) / kThreads;
   TORCH_CHECK_VALUE(blocks <= 0x7fffffff, "layer_distances: too many clients for one CUDA grid (", n, ")");
   distance_epilogue_kernel<T><<<static_cast<unsigned int>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      gram.data_ptr<T>(), out, total.data_ptr<double>(), n, cosine);
+      gram.data_ptr<T>(), out, total.data_ptr<double>(), n, cosine, scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -62,12 +66,14 @@ std::tuple<at::Tensor, at::Tensor> layer_distances_cuda(const at::Tensor& x, con
   at::Tensor per_layer = at::empty({layers, n, n}, x.options().dtype(at::kFloat));
   at::Tensor total = at::zeros({n, n}, x.options().dtype(at::kDouble));
   for (int64_t l = 0; l < layers; ++l) {
-    const at::Tensor gram = upper_gram(prepared_rows(x.narrow(1, offsets[l], offsets[l + 1] - offsets[l]), cosine));
+    at::Tensor rows = prepared_rows(x.narrow(1, offsets[l], offsets[l + 1] - offsets[l]), cosine);
+    const double scale = cosine ? 1.0 : rescale_rows(rows);  // one host sync per layer
+    const at::Tensor gram = upper_gram(rows);
     float* out = per_layer.data_ptr<float>() + l * n * n;
     if (gram.scalar_type() == at::kDouble) {
-      launch_epilogue<double>(gram, out, total, n, cosine);
+      launch_epilogue<double>(gram, out, total, n, cosine, scale);
     } else {
-      launch_epilogue<float>(gram, out, total, n, cosine);
+      launch_epilogue<float>(gram, out, total, n, cosine, scale);
     }
   }
   return {per_layer, total.div_(layers).to(at::kFloat)};
