@@ -43,9 +43,10 @@ if [ ! -f "$STAMP" ]; then
   "$PY" -m pip install -qq "$TORCH_CUDA_PIN" $DEPS
   touch "$STAMP"
 fi
+TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__)")
 TORCH_CUDA=$("$PY" -c "import torch; print(torch.version.cuda or '')")
 if [ -z "$TORCH_CUDA" ]; then
-  say "FAILED: $VENV holds a CPU-only torch ($("$PY" -c 'import torch; print(torch.__version__)')); set TORCH_CUDA_PIN to a CUDA build"
+  say "FAILED: $VENV holds a CPU-only torch ($TORCH_VERSION); set TORCH_CUDA_PIN to a CUDA build"
   exit 1
 fi
 if [ "${TORCH_CUDA%%.*}" != "${CUDA_VERSION%%.*}" ]; then
@@ -82,25 +83,38 @@ if [ -f "$CUDA_HOME/include/nvtx3/nvToolsExt.h" ]; then NVTX_FLAGS=(-DFEDTREELOR
 HOST_WARN="-Wall,-Wextra,-Wshadow,-Wnon-virtual-dtor,-Wcast-align,-Woverloaded-virtual,-Wnull-dereference,-Werror"
 STRICT=(-Werror all-warnings -Xcudafe --display_error_number -Xcompiler "$HOST_WARN")
 ARCHS=${CUDA_CHECK_ARCHS:-80 90}
-CU_FILES=(csrc/cuda/*.cu)
+GENCODE=()
+for arch in $ARCHS; do GENCODE+=(-gencode "arch=compute_$arch,code=sm_$arch"); done
+NVCC_ARGS=(-O3 -std=c++20 -Xcompiler -fPIC "${GENCODE[@]}" -Icsrc/include "${TORCH_FLAGS[@]}" "${NVTX_FLAGS[@]}"
+           -DFEDTREELORA_WITH_CUDA=1 "${STRICT[@]}")
+# A file that passed with exactly these sources, headers and flags is not compiled again.
+PASSED_DIR=${FEDTREELORA_CUDA_CACHE_DIR:-$HOME/.cache/fedtreelora-cuda-check}/nvcc-passed
+mkdir -p "$PASSED_DIR"
+HEADERS_KEY=$(cat csrc/include/*.h 2>/dev/null | sha256sum | cut -c1-16)
 OBJ_DIR=$(mktemp -d)
 trap 'rm -rf "$OBJ_DIR"' EXIT
 compiled=0
-if [ -e "${CU_FILES[0]}" ]; then
-  for cu in "${CU_FILES[@]}"; do
-    for arch in $ARCHS; do
-      if ! "$NVCC" -c "$cu" -o "$OBJ_DIR/$(basename "$cu" .cu).sm$arch.o" \
-          -gencode "arch=compute_$arch,code=sm_$arch" -O3 -std=c++20 -Xcompiler -fPIC \
-          -Icsrc/include "${TORCH_FLAGS[@]}" "${NVTX_FLAGS[@]}" -DFEDTREELORA_WITH_CUDA=1 "${STRICT[@]}"; then
-        say "FAILED: $cu does not compile cleanly for sm_$arch (errors above)"
-        exit 1
-      fi
-      compiled=$((compiled + 1))
-    done
+failed=()
+shopt -s nullglob
+CU_FILES=(csrc/cuda/*.cu)
+[ ${#CU_FILES[@]} -gt 0 ] || say "no csrc/cuda/*.cu files to compile"
+for cu in "${CU_FILES[@]}"; do
+  key=$( { cat "$cu"; echo "$HEADERS_KEY ${NVCC_ARGS[*]} $CUDA_VERSION $TORCH_VERSION"; } | sha256sum | cut -c1-24)
+  if [ -f "$PASSED_DIR/$key" ]; then
+    say "$cu unchanged since it compiled cleanly for sm_${ARCHS// /, sm_}"
+  elif "$NVCC" -c "$cu" -o "$OBJ_DIR/$(basename "$cu" .cu).o" "${NVCC_ARGS[@]}"; then
+    touch "$PASSED_DIR/$key"
     say "compiled $cu for sm_${ARCHS// /, sm_} without warnings"
-  done
-else
-  say "no csrc/cuda/*.cu files to compile"
+  else
+    say "$cu does not compile cleanly for sm_${ARCHS// /, sm_} (nvcc's messages above)"
+    failed+=("$cu")
+    continue
+  fi
+  compiled=$((compiled + 1))
+done
+if [ ${#failed[@]} -gt 0 ]; then
+  say "FAILED: ${failed[*]} did not compile cleanly with warnings as errors"
+  exit 1
 fi
 
 # --- 3. the full JIT build with CUDA on, the CUDA registrations, the CPU tests on that build -------
@@ -128,4 +142,4 @@ PY
 say "CPU test suite against the CUDA build"
 # shellcheck disable=SC2086
 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider ${PYTEST_ARGS:-} tests
-say "OK: $compiled nvcc compile(s) warning-free, CUDA build loads with all 5 ops registered for CUDA, CPU tests pass on it (torch $("$PY" -c 'import torch; print(torch.__version__)'), nvcc $CUDA_VERSION)"
+say "OK: ${compiled} .cu file(s) warning-free under nvcc, CUDA build loads with all 5 ops registered for CUDA, CPU tests pass on it (torch $TORCH_VERSION, nvcc $CUDA_VERSION)"
