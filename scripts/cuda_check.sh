@@ -6,6 +6,8 @@
 #      ops have a CUDA kernel registered, and the CPU test suite run against that build.
 # Skips (exit 0) where nvcc is missing. Environment knobs:
 #   PYTHON (python3) to create the venv, CUDA_VENV (.venv-cuda), TORCH_CUDA_PIN (torch==2.14.1),
+#   CUDA_CHECK_PYTHON (an interpreter with a CUDA torch to use instead of the venv),
+#   FEDTREELORA_CUDA_CACHE_DIR (~/.cache/fedtreelora-cuda-check: the build and the files that passed),
 #   CUDA_CHECK_ARCHS ("80 90"), PYTEST_ARGS (extra pytest arguments).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,22 +33,34 @@ CUDA_VERSION=$("$NVCC" --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')
 say "nvcc $CUDA_VERSION at $NVCC (CUDA_HOME=$CUDA_HOME)"
 
 # --- 1. the venv with a CUDA torch (created once; the stamp names what it holds) -------------------
-VENV=${CUDA_VENV:-$ROOT/.venv-cuda}
-TORCH_CUDA_PIN=${TORCH_CUDA_PIN:-torch==2.14.1}
-DEPS="numpy scipy scikit-learn hypothesis pytest pytest-timeout ninja filelock"
-STAMP=$VENV/.fedtreelora-cuda-check-$(echo "$TORCH_CUDA_PIN $DEPS" | sha256sum | cut -c1-12)
-PY=$VENV/bin/python
-if [ ! -f "$STAMP" ]; then
-  say "creating $VENV with $TORCH_CUDA_PIN (about 5 GB, a few minutes, once)"
-  [ -x "$PY" ] || "${PYTHON:-python3}" -m venv "$VENV"
-  "$PY" -m pip install -qq --upgrade pip
-  "$PY" -m pip install -qq "$TORCH_CUDA_PIN" $DEPS
-  touch "$STAMP"
+# CUDA_CHECK_PYTHON=python3 uses an interpreter that already has a CUDA torch instead (a GPU machine).
+if [ -n "${CUDA_CHECK_PYTHON:-}" ]; then
+  PY=$(command -v "$CUDA_CHECK_PYTHON")
+  say "using $PY (CUDA_CHECK_PYTHON), no venv"
+else
+  VENV=${CUDA_VENV:-$ROOT/.venv-cuda}
+  TORCH_CUDA_PIN=${TORCH_CUDA_PIN:-torch==2.14.1}
+  # What the package and its test suite need, read from pyproject.toml (dependencies + the dev extra).
+  DEPS=$("${PYTHON:-python3}" - <<'PY' 2>/dev/null || echo "numpy scipy scikit-learn fastcluster hypothesis pytest pytest-timeout ninja filelock"
+import tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print(" ".join(d.replace(" ", "") for d in project["dependencies"] + project["optional-dependencies"]["dev"]))
+PY
+)
+  STAMP=$VENV/.fedtreelora-cuda-check-$(echo "$TORCH_CUDA_PIN $DEPS" | sha256sum | cut -c1-12)
+  PY=$VENV/bin/python
+  if [ ! -f "$STAMP" ]; then
+    say "creating $VENV with $TORCH_CUDA_PIN (about 5 GB, a few minutes, once)"
+    [ -x "$PY" ] || "${PYTHON:-python3}" -m venv "$VENV"
+    "$PY" -m pip install -qq --upgrade pip
+    "$PY" -m pip install -qq "$TORCH_CUDA_PIN" $DEPS
+    touch "$STAMP"
+  fi
 fi
 TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__)")
 TORCH_CUDA=$("$PY" -c "import torch; print(torch.version.cuda or '')")
 if [ -z "$TORCH_CUDA" ]; then
-  say "FAILED: $VENV holds a CPU-only torch ($TORCH_VERSION); set TORCH_CUDA_PIN to a CUDA build"
+  say "FAILED: $PY has a CPU-only torch ($TORCH_VERSION); set TORCH_CUDA_PIN (or CUDA_CHECK_PYTHON) to a CUDA build"
   exit 1
 fi
 if [ "${TORCH_CUDA%%.*}" != "${CUDA_VERSION%%.*}" ]; then
