@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# `make cuda-check`: check the CUDA build path on any machine with nvcc, GPU or not (DESIGN.md §6).
+#   1. a separate venv (.venv-cuda) with a CUDA build of torch, whose headers a .cu needs;
+#   2. every csrc/cuda/*.cu compiled on its own for sm_80 and sm_90, warnings as errors;
+#   3. the full JIT build through fedtreelora/_build.py with CUDA forced on, a check that all five
+#      ops have a CUDA kernel registered, and the CPU test suite run against that build.
+# Skips (exit 0) where nvcc is missing. Environment knobs:
+#   PYTHON (python3) to create the venv, CUDA_VENV (.venv-cuda), TORCH_CUDA_PIN (torch==2.14.1),
+#   CUDA_CHECK_PYTHON (an interpreter with a CUDA torch to use instead of the venv),
+#   FEDTREELORA_CUDA_CACHE_DIR (~/.cache/fedtreelora-cuda-check: the build and the files that passed),
+#   CUDA_CHECK_ARCHS ("80 90"), PYTEST_ARGS (extra pytest arguments).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+say() { echo "cuda-check: $*"; }
+
+# --- the toolkit ---------------------------------------------------------------------------------
+NVCC=$(command -v nvcc || true)
+if [ -z "$NVCC" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then NVCC=$CUDA_HOME/bin/nvcc; fi
+if [ -z "$NVCC" ] && [ -x /usr/local/cuda/bin/nvcc ]; then NVCC=/usr/local/cuda/bin/nvcc; fi
+if [ -z "$NVCC" ]; then
+  say "SKIPPED: nvcc not found (no CUDA toolkit on PATH, in \$CUDA_HOME or /usr/local/cuda); the CUDA path is not checked here"
+  exit 0
+fi
+# nvcc may be a wrapper script; ask nvcc itself where its toolkit lives (its bin/ is _HERE_).
+if [ -z "${CUDA_HOME:-}" ]; then
+  CUDA_HOME=$("$NVCC" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -1)
+  CUDA_HOME=$(cd "$CUDA_HOME/.." && pwd)
+fi
+export CUDA_HOME
+NVCC=$CUDA_HOME/bin/nvcc
+CUDA_VERSION=$("$NVCC" --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')
+say "nvcc $CUDA_VERSION at $NVCC (CUDA_HOME=$CUDA_HOME)"
+
+# --- 1. the venv with a CUDA torch (created once; the stamp names what it holds) -------------------
+# CUDA_CHECK_PYTHON=python3 uses an interpreter that already has a CUDA torch instead (a GPU machine).
+if [ -n "${CUDA_CHECK_PYTHON:-}" ]; then
+  PY=$(command -v "$CUDA_CHECK_PYTHON")
+  say "using $PY (CUDA_CHECK_PYTHON), no venv"
+else
+  VENV=${CUDA_VENV:-$ROOT/.venv-cuda}
+  TORCH_CUDA_PIN=${TORCH_CUDA_PIN:-torch==2.14.1}
+  # What the package and its test suite need, read from pyproject.toml (dependencies + the dev extra).
+  DEPS=$("${PYTHON:-python3}" - <<'PY' 2>/dev/null || echo "numpy scipy scikit-learn fastcluster hypothesis pytest pytest-timeout ninja filelock"
+import tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print(" ".join(d.replace(" ", "") for d in project["dependencies"] + project["optional-dependencies"]["dev"]))
+PY
+)
+  STAMP=$VENV/.fedtreelora-cuda-check-$(echo "$TORCH_CUDA_PIN $DEPS" | sha256sum | cut -c1-12)
+  PY=$VENV/bin/python
+  if [ ! -f "$STAMP" ]; then
+    say "creating $VENV with $TORCH_CUDA_PIN (about 5 GB, a few minutes, once)"
+    [ -x "$PY" ] || "${PYTHON:-python3}" -m venv "$VENV"
+    "$PY" -m pip install -qq --upgrade pip
+    "$PY" -m pip install -qq "$TORCH_CUDA_PIN" $DEPS
+    touch "$STAMP"
+  fi
+fi
+TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__)")
+TORCH_CUDA=$("$PY" -c "import torch; print(torch.version.cuda or '')")
+if [ -z "$TORCH_CUDA" ]; then
+  say "FAILED: $PY has a CPU-only torch ($TORCH_VERSION); set TORCH_CUDA_PIN (or CUDA_CHECK_PYTHON) to a CUDA build"
+  exit 1
+fi
+if [ "${TORCH_CUDA%%.*}" != "${CUDA_VERSION%%.*}" ]; then
+  say "FAILED: torch was built with CUDA $TORCH_CUDA but nvcc is CUDA $CUDA_VERSION; the majors must match"
+  exit 1
+fi
+# The repo itself is imported from the checkout (no install into the venv, nothing written to the repo).
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+
+# --- 2. every .cu on its own, each architecture, warnings as errors --------------------------------
+# Include paths and defines the way torch.utils.cpp_extension passes them, so that what compiles here
+# compiles in the JIT build. torch's headers come in with -isystem: their own warnings are not ours
+# to fix, while every warning in our code (and in templates of theirs we instantiate) is an error.
+mapfile -t TORCH_FLAGS < <("$PY" - <<'PY'
+import glob, logging, os, sysconfig, torch
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime": known
+from torch.utils import cpp_extension as ce
+site = sysconfig.get_paths()["purelib"]
+system = ce.include_paths(device_type="cuda") + sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
+for p in system + [sysconfig.get_paths()["include"]]:  # + cuBLAS/cuSPARSE headers, Python.h
+    print("-isystem")
+    print(p)
+for f in ce.COMMON_NVCC_FLAGS:
+    print(f)
+print(f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
+print("-DTORCH_API_INCLUDE_EXTENSION_H")
+print("-DTORCH_EXTENSION_NAME=fedtreelora_cuda_check")
+PY
+)
+NVTX_FLAGS=()
+if [ -f "$CUDA_HOME/include/nvtx3/nvToolsExt.h" ]; then NVTX_FLAGS=(-DFEDTREELORA_NVTX=1); fi
+# Host warnings: -Wall -Wextra plus the ones that catch real bugs in kernel launch code (shadowing,
+# silent narrowing of sizes in index math is left to review: torch's TORCH_CHECK macros trip -Wconversion).
+HOST_WARN="-Wall,-Wextra,-Wshadow,-Wnon-virtual-dtor,-Wcast-align,-Woverloaded-virtual,-Wnull-dereference,-Werror"
+STRICT=(-Werror all-warnings -Xcudafe --display_error_number -Xcompiler "$HOST_WARN")
+ARCHS=${CUDA_CHECK_ARCHS:-80 90}
+GENCODE=()
+for arch in $ARCHS; do GENCODE+=(-gencode "arch=compute_$arch,code=sm_$arch"); done
+NVCC_ARGS=(-O3 -std=c++20 -Xcompiler -fPIC "${GENCODE[@]}" -Icsrc/include "${TORCH_FLAGS[@]}" "${NVTX_FLAGS[@]}"
+           -DFEDTREELORA_WITH_CUDA=1 "${STRICT[@]}")
+# A file that passed with exactly these sources, headers and flags is not compiled again.
+PASSED_DIR=${FEDTREELORA_CUDA_CACHE_DIR:-$HOME/.cache/fedtreelora-cuda-check}/nvcc-passed
+mkdir -p "$PASSED_DIR"
+HEADERS_KEY=$(cat csrc/include/*.h 2>/dev/null | sha256sum | cut -c1-16)
+OBJ_DIR=$(mktemp -d)
+trap 'rm -rf "$OBJ_DIR"' EXIT
+compiled=0
+failed=()
+shopt -s nullglob
+CU_FILES=(csrc/cuda/*.cu)
+[ ${#CU_FILES[@]} -gt 0 ] || say "no csrc/cuda/*.cu files to compile"
+for cu in "${CU_FILES[@]}"; do
+  key=$( { cat "$cu"; echo "$HEADERS_KEY ${NVCC_ARGS[*]} $CUDA_VERSION $TORCH_VERSION"; } | sha256sum | cut -c1-24)
+  if [ -f "$PASSED_DIR/$key" ]; then
+    say "$cu unchanged since it compiled cleanly for sm_${ARCHS// /, sm_}"
+  elif "$NVCC" -c "$cu" -o "$OBJ_DIR/$(basename "$cu" .cu).o" "${NVCC_ARGS[@]}"; then
+    touch "$PASSED_DIR/$key"
+    say "compiled $cu for sm_${ARCHS// /, sm_} without warnings"
+  else
+    say "$cu does not compile cleanly for sm_${ARCHS// /, sm_} (nvcc's messages above)"
+    failed+=("$cu")
+    continue
+  fi
+  compiled=$((compiled + 1))
+done
+if [ ${#failed[@]} -gt 0 ]; then
+  say "FAILED: ${failed[*]} did not compile cleanly with warnings as errors"
+  exit 1
+fi
+
+# --- 3. the full JIT build with CUDA on, the CUDA registrations, the CPU tests on that build -------
+export FEDTREELORA_WITH_CUDA=1 FEDTREELORA_REQUIRE_NATIVE=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
+export FEDTREELORA_CACHE_DIR=${FEDTREELORA_CUDA_CACHE_DIR:-$HOME/.cache/fedtreelora-cuda-check}
+say "JIT build with CUDA (cache $FEDTREELORA_CACHE_DIR)"
+"$PY" - <<'PY'
+import logging
+import torch
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime": known
+import fedtreelora.ops as ops
+
+info = ops._build.native_info()
+assert info["native"], info
+assert ops._build.build_plan().with_cuda, "the build plan left the CUDA sources out"
+ops_names = ("layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce")
+missing = [op for op in ops_names if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fedtreelora::{op}", "CUDA")]
+print("cuda-check: built", info["library"])
+for op in ops_names:
+    print(f"cuda-check:   fedtreelora::{op:16s} CUDA kernel {'MISSING' if op in missing else 'registered'}")
+if missing:
+    raise SystemExit(f"cuda-check: FAILED: no CUDA kernel registered for {', '.join(missing)}")
+PY
+say "CPU test suite against the CUDA build"
+# shellcheck disable=SC2086
+"$PY" -m pytest -q -m "not slow" -p no:cacheprovider ${PYTEST_ARGS:-} tests
+say "OK: ${compiled} .cu file(s) warning-free under nvcc, CUDA build loads with all 5 ops registered for CUDA, CPU tests pass on it (torch $TORCH_VERSION, nvcc $CUDA_VERSION)"

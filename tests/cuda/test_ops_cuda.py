@@ -1,0 +1,232 @@
+"""Every op on CUDA tensors against the same op on CPU tensors (fedtreelora.ops), on random inputs.
+
+The CPU ops are checked against scipy/sklearn/float64 references in tests/; here the CPU op is the
+reference for the CUDA one. Inputs are drawn on the CPU and copied, so both sides see the same values.
+"""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import fedtreelora.ops as ops
+
+OPS = ("layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+FUZZ = settings(max_examples=25, deadline=None)
+
+
+def _offsets(widths) -> torch.Tensor:
+    return torch.tensor([0] + list(widths), dtype=torch.int64).cumsum(0)
+
+
+def _rows(n: int, widths, dtype=torch.float32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, sum(widths), generator=gen).to(dtype)
+    return x, _offsets(widths)
+
+
+def _labels(n_layers: int, n: int, n_clusters: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n_clusters, (n_layers, n), generator=gen)
+
+
+def _assert_on(device: torch.device, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        assert t.device == device, f"output on {t.device}, input on {device}"
+
+
+@pytest.mark.skipif(not ops.native_available(), reason="the native core is not loaded (reference ops only)")
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_has_a_cuda_kernel(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fedtreelora::{op}", "CUDA")
+
+
+# ---------------------------------------------------------------------------------------- distances
+def _check_distances(x: torch.Tensor, offsets: torch.Tensor, metric: str, device: torch.device, rtol: float) -> None:
+    x_dev, off_dev = x.to(device), offsets.to(device)
+    before = x_dev.clone()
+    per_layer, mean = ops.layer_distances(x_dev, off_dev, metric)
+    _assert_on(device, per_layer, mean)
+    assert per_layer.dtype == mean.dtype == torch.float32
+    assert torch.equal(x_dev, before), "layer_distances modified its input"
+    # The properties the op promises hold exactly on the device too.
+    assert torch.equal(per_layer, per_layer.transpose(1, 2)) and torch.equal(mean, mean.T)
+    assert not bool(torch.diagonal(per_layer, dim1=1, dim2=2).any()) and not bool(torch.diagonal(mean).any())
+    assert bool((per_layer >= 0).all())
+    ref_layers, ref_mean = ops.layer_distances(x, offsets, metric)
+    # Gram-based distances in float32 on both sides: errors scale with the largest distance.
+    scale = max(float(ref_layers.abs().max()), 1.0)
+    torch.testing.assert_close(per_layer.cpu(), ref_layers, rtol=rtol, atol=rtol * scale)
+    torch.testing.assert_close(mean.cpu(), ref_mean, rtol=rtol, atol=rtol * scale)
+
+
+@FUZZ
+@given(n=st.integers(1, 40), widths=st.lists(st.integers(1, 70), min_size=1, max_size=5),
+       metric=st.sampled_from(ops.METRICS), dtype=st.sampled_from((torch.float32,) + HALF_DTYPES),
+       seed=st.integers(0, 2**31 - 1))
+def test_layer_distances_matches_cpu(cuda, n, widths, metric, dtype, seed):
+    x, offsets = _rows(n, widths, dtype, seed)
+    # Half inputs are converted exactly to float32 on both sides; only accumulation order differs.
+    _check_distances(x, offsets, metric, cuda, rtol=1e-4 if dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 257])
+@pytest.mark.parametrize("metric", ops.METRICS)
+def test_layer_distances_edge_sizes_and_duplicates(cuda, n, metric):
+    x, offsets = _rows(n, [3, 130, 1], seed=n)
+    x[n // 2] = x[0]  # a duplicate client: distance 0 up to rounding
+    x += 100.0  # a large common offset, clients that differ by little
+    _check_distances(x, offsets, metric, cuda, rtol=1e-3)
+
+
+def test_layer_distances_non_contiguous(cuda):
+    x, offsets = _rows(9, [5, 17])
+    wide = torch.zeros(9, 2 * x.shape[1], device=cuda)
+    wide[:, ::2] = x.to(cuda)
+    strided = wide[:, ::2]
+    assert not strided.is_contiguous()
+    per_layer, mean = ops.layer_distances(strided, offsets.to(cuda))
+    ref_layers, ref_mean = ops.layer_distances(x, offsets)
+    torch.testing.assert_close(per_layer.cpu(), ref_layers, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mean.cpu(), ref_mean, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ linkage and cut_tree
+def _distance_matrix(n: int, seed: int) -> torch.Tensor:
+    x, _ = _rows(n, [6], torch.float64, seed)
+    d = torch.cdist(x, x)
+    d = (d + d.T) / 2
+    d.fill_diagonal_(0)
+    return d
+
+
+@pytest.mark.parametrize("method", ops.LINKAGE_METHODS)
+@pytest.mark.parametrize("n", [1, 2, 3, 30])
+def test_linkage_and_cut_tree_match_cpu(cuda, method, n):
+    d = _distance_matrix(n, seed=n)
+    z = ops.linkage(d.to(cuda), method)
+    _assert_on(cuda, z)
+    assert torch.equal(z.cpu(), ops.linkage(d, method))  # the same host kernel runs: identical bits
+    counts = torch.arange(1, n + 1, dtype=torch.int64)
+    labels = ops.cut_tree(z, counts.to(cuda))
+    _assert_on(cuda, labels)
+    assert torch.equal(labels.cpu(), ops.cut_tree(z.cpu(), counts))
+
+
+def test_linkage_on_cuda_leaves_input_alone(cuda):
+    d = _distance_matrix(12, seed=3).to(cuda)
+    before = d.clone()
+    ops.linkage(d, "ward")
+    assert torch.equal(d, before)
+
+
+# ------------------------------------------------------------------------------------------ silhouette
+@FUZZ
+@given(n=st.integers(1, 30), n_layers=st.integers(1, 3), n_partitions=st.integers(1, 4),
+       max_clusters=st.integers(1, 6), dtype=st.sampled_from((torch.float32, torch.float64)),
+       seed=st.integers(0, 2**31 - 1))
+def test_silhouette_matches_cpu(cuda, n, n_layers, n_partitions, max_clusters, dtype, seed):
+    x, offsets = _rows(n, [4] * n_layers, seed=seed)
+    d, _ = ops.layer_distances(x, offsets)
+    labels = torch.stack([_labels(n_partitions, n, min(max_clusters, n), seed + l) for l in range(n_layers)])
+    d = d.to(dtype)
+    out = ops.silhouette(d.to(cuda), labels.to(cuda))
+    _assert_on(cuda, out)
+    assert out.dtype == torch.float32 and out.shape == (n_layers, n_partitions)
+    # NaN where sklearn refuses (one cluster, or every client alone) must match too.
+    torch.testing.assert_close(out.cpu(), ops.silhouette(d, labels), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+# ----------------------------------------------------------------------------------------- tree_reduce
+# (rtol, atol): float32 accumulation on the device against float64 on the host, then one rounding to
+# the output dtype on each side (up to one ulp apart for half types).
+_REDUCE_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-4), torch.bfloat16: (1.6e-2, 2e-3)}
+
+
+def _check_tree_reduce(x, offsets, labels, weights, device):
+    n_clusters = int(labels.max()) + 1
+    args = [t.to(device) for t in (x, offsets, labels, weights)]
+    before = [t.clone() for t in args]
+    cluster, external = ops.tree_reduce(*args, n_clusters=n_clusters)
+    _assert_on(device, cluster, external)
+    assert cluster.dtype == external.dtype == x.dtype
+    assert all(torch.equal(a, b) for a, b in zip(args, before)), "tree_reduce modified an input"
+    ref_cluster, ref_external = ops.tree_reduce(x, offsets, labels, weights, n_clusters=n_clusters)
+    # Compare only what the op specifies: rows of labels present in the layer (absent ones: unspecified).
+    rtol, atol = _REDUCE_TOL[x.dtype]
+    bounds = offsets.tolist()
+    for layer in range(labels.shape[0]):
+        present = labels[layer].unique()
+        cols = slice(bounds[layer], bounds[layer + 1])
+        for got, want in ((cluster, ref_cluster), (external, ref_external)):
+            torch.testing.assert_close(got.cpu()[present, cols], want[present, cols], rtol=rtol, atol=atol,
+                                       msg=lambda m: f"layer {layer}: {m}")
+        everyone = present[(labels[layer] == present[:, None]).all(1)]
+        assert not bool(external.cpu()[everyone, cols].any()), "a cluster of every client has a non-zero external mean"
+
+
+@FUZZ
+@given(n=st.integers(1, 40), widths=st.lists(st.integers(1, 300), min_size=1, max_size=5),
+       max_clusters=st.integers(1, 8), dtype=st.sampled_from((torch.float32,) + HALF_DTYPES),
+       seed=st.integers(0, 2**31 - 1))
+def test_tree_reduce_matches_cpu(cuda, n, widths, max_clusters, dtype, seed):
+    x, offsets = _rows(n, widths, dtype, seed)
+    labels = _labels(len(widths), n, min(max_clusters, n), seed)
+    # Sample counts within a factor 10: the device accumulates in float32, and external means come
+    # from (total - cluster) sums, whose rounding grows with the spread of the weights.
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(seed)) * 9 + 1
+    _check_tree_reduce(x, offsets, labels, weights, cuda)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32,) + HALF_DTYPES)
+def test_tree_reduce_large_and_strided(cuda, dtype):
+    # Wide layers (several blocks per layer on the device) and a non-contiguous view of x.
+    x, offsets = _rows(64, [4096, 1, 20000, 333], dtype, seed=7)
+    labels = torch.stack([torch.zeros(64, dtype=torch.int64), _labels(1, 64, 3, 1)[0],
+                          torch.arange(64) % 5, _labels(1, 64, 64, 2)[0]])
+    weights = torch.arange(1, 65, dtype=torch.float64)
+    _check_tree_reduce(x, offsets, labels, weights, cuda)
+    strided = x.to(cuda).T.contiguous().T
+    assert not strided.is_contiguous()
+    got, _ = ops.tree_reduce(strided, offsets.to(cuda), labels.to(cuda), weights.to(cuda))
+    want, _ = ops.tree_reduce(x, offsets, labels, weights)
+    torch.testing.assert_close(got.cpu()[0, :4096], want[0, :4096], rtol=_REDUCE_TOL[dtype][0], atol=_REDUCE_TOL[dtype][1])
+
+
+# ----------------------------------------------------------------------------------- devices and errors
+def test_mixed_devices_are_refused(cuda):
+    x, offsets = _rows(5, [3, 4])
+    labels, weights = _labels(2, 5, 2), torch.ones(5)
+    d = _distance_matrix(5, seed=0)
+    z = ops.linkage(d)
+    with pytest.raises(ValueError, match="one device"):
+        ops.layer_distances(x.to(cuda), offsets)
+    with pytest.raises(ValueError, match="one device"):
+        ops.tree_reduce(x.to(cuda), offsets.to(cuda), labels, weights.to(cuda))
+    with pytest.raises(ValueError, match="one device"):
+        ops.tree_reduce(x.to(cuda), offsets.to(cuda), labels.to(cuda), weights)
+    with pytest.raises(ValueError, match="one device"):
+        ops.silhouette(d.to(cuda).unsqueeze(0), torch.zeros(1, 1, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="one device"):
+        ops.cut_tree(z.to(cuda), torch.tensor([1, 2]))
+
+
+@pytest.mark.skipif(not ops.native_available(), reason="the native core is not loaded (reference ops only)")
+def test_native_cut_tree_refuses_mixed_devices_without_the_wrapper(cuda):
+    z = ops.linkage(_distance_matrix(4, seed=1))
+    with pytest.raises(ValueError, match="one device"):
+        torch.ops.fedtreelora.cut_tree(z.to(cuda), torch.tensor([1, 2]))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_outputs_stay_on_a_second_device():
+    second = torch.device("cuda", 1)
+    x, offsets = _rows(6, [5, 7])
+    labels, weights = _labels(2, 6, 3), torch.ones(6)
+    with torch.cuda.device(0):  # the current device is not the inputs' device
+        per_layer, mean = ops.layer_distances(x.to(second), offsets.to(second))
+        z = ops.linkage(mean.to(second).double())
+        cut = ops.cut_tree(z, torch.tensor([1, 3], device=second))
+        score = ops.silhouette(per_layer, cut.unsqueeze(0).expand(2, -1, -1).contiguous())
+        cluster, external = ops.tree_reduce(x.to(second), offsets.to(second), labels.to(second), weights.to(second))
+    _assert_on(second, per_layer, mean, z, cut, score, cluster, external)
+    torch.testing.assert_close(cluster.cpu(), ops.tree_reduce(x, offsets, labels, weights)[0], rtol=1e-5, atol=1e-5)
