@@ -97,13 +97,14 @@ def layer_distances(x: torch.Tensor, layer_offsets: torch.Tensor, metric: str = 
     symmetric, never negative.
     """
     _check_rows(x)
+    _same_device(x=x, layer_offsets=_tensor(layer_offsets, "layer_offsets"))
     _check_offsets(layer_offsets, x.shape[1])
-    _same_device(x=x, layer_offsets=layer_offsets)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     impl = torch.ops.fedtreelora.layer_distances if _NATIVE else reference.layer_distances
     per_layer, mean = impl(x, layer_offsets, metric)
-    if _checking_values() and not bool(torch.isfinite(mean).all()):
+    # A client with NaN/Inf makes its off-diagonal distances non-finite; a lone client has none.
+    if _checking_values() and not (bool(torch.isfinite(mean).all()) and (x.shape[0] > 1 or bool(torch.isfinite(x).all()))):
         _raise_nonfinite(x, layer_offsets, "layer_distances")
     return per_layer, mean
 
@@ -216,8 +217,8 @@ def silhouette(d: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"d must be a floating-point tensor, got {d.dtype}")
     if labels.dim() != 3 or labels.shape[0] != d.shape[0]:
         raise ValueError(f"labels must be [L, M, N] with L={d.shape[0]} (or [M, N] with a 2-D d), got shape {tuple(labels.shape)}")
-    _check_labels(labels, d.shape[1])
     _same_device(d=d, labels=labels)
+    _check_labels(labels, d.shape[1])
     if _checking_values() and not bool(torch.isfinite(d).all()):
         l, i, j = (~torch.isfinite(d)).nonzero()[0].tolist()
         raise ValueError(f"d has a NaN or Inf entry at layer {l}, [{i}, {j}]")
@@ -240,6 +241,8 @@ def tree_reduce(x: torch.Tensor, layer_offsets: torch.Tensor, labels: torch.Tens
     """
     _check_rows(x)
     n, p = x.shape
+    _same_device(x=x, layer_offsets=_tensor(layer_offsets, "layer_offsets"), labels=_tensor(labels, "labels"),
+                 weights=_tensor(weights, "weights"))
     _check_offsets(layer_offsets, p)
     n_layers = layer_offsets.numel() - 1
     _tensor(labels, "labels")
@@ -251,7 +254,6 @@ def tree_reduce(x: torch.Tensor, layer_offsets: torch.Tensor, labels: torch.Tens
         raise ValueError(f"weights must be [N] = [{n}], got shape {tuple(weights.shape)}")
     if not weights.is_floating_point():
         raise TypeError(f"weights must be a floating-point tensor, got {weights.dtype}")
-    _same_device(x=x, layer_offsets=layer_offsets, labels=labels, weights=weights)
     if _checking_values():
         bad = ~torch.isfinite(weights) | (weights <= 0)
         if bool(bad.any()):

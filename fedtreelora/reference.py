@@ -47,7 +47,12 @@ def linkage(d: torch.Tensor, method: str = "average") -> torch.Tensor:
 
 
 def cut_tree(z: torch.Tensor, n_clusters: torch.Tensor) -> torch.Tensor:
-    """scipy.cluster.hierarchy.cut_tree(z, n_clusters).T as int64 [M, N]."""
+    """scipy.cluster.hierarchy.cut_tree(z, n_clusters).T as int64 [M, N].
+
+    scipy is asked one count at a time: given several counts, its cut_tree writes the N-cluster
+    partition into row 0 whatever position N has in the list (scipy 1.17), so a batched call can
+    return a wrong partition.
+    """
     from scipy.cluster.hierarchy import cut_tree as scipy_cut_tree
 
     zz = z.detach().to("cpu", torch.float64).numpy()
@@ -55,7 +60,7 @@ def cut_tree(z: torch.Tensor, n_clusters: torch.Tensor) -> torch.Tensor:
     n = zz.shape[0] + 1
     if n == 1:
         return torch.zeros(len(counts), 1, dtype=torch.int64, device=z.device)
-    labels = scipy_cut_tree(zz, n_clusters=counts).T
+    labels = np.stack([scipy_cut_tree(zz, n_clusters=[c])[:, 0] for c in counts]) if counts else np.zeros((0, n))
     return torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)).to(z.device)
 
 
