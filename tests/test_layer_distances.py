@@ -118,7 +118,7 @@ def cases(draw):
     return x, offsets_of(widths), metric
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(cases())
 def test_matches_scipy_and_reference(case):
     x, offsets, metric = case
