@@ -118,7 +118,7 @@ def cases(draw):
     return x, offsets_of(widths), metric
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(cases())
 def test_matches_scipy_and_reference(case):
     x, offsets, metric = case
@@ -273,3 +273,10 @@ def test_kernel_checks_its_own_inputs(x, offsets, metric, error, match):
     # Called directly, bypassing the wrapper: TORCH_CHECKs, not a crash.
     with pytest.raises(error, match=match):
         torch.ops.fedtreelora.layer_distances(x, offsets, metric)
+
+
+@pytest.mark.xfail(strict=True, reason="fedtreelora/ops.py detects NaN/Inf only through the output, and a single "
+                                       "client's output is the exact-zero diagonal; ops.py should check x itself")
+def test_non_finite_single_client_is_reported():
+    with pytest.raises(ValueError, match="client 0"):
+        ops.layer_distances(torch.tensor([[float("nan"), 1.0]]), torch.tensor([0, 2]))
