@@ -17,37 +17,45 @@
 namespace fedtreelora {
 namespace {
 
-// Labels renumbered 0..k-1 per partition (they may be any values in [0, N)), with cluster sizes.
+// Labels renumbered 0..k-1 per partition (they may be any values in [0, N)), and the clients grouped
+// by cluster (a stable counting sort): cluster c's members are members[start[c] : start[c + 1]].
 struct Partitions {
-  std::vector<int32_t> label;  // [L, M, N] compact labels
-  std::vector<int64_t> size;   // [L, M, N] size of compact cluster c (first n_labels entries used)
+  std::vector<int32_t> label;     // [L, M, N] compact labels
+  std::vector<int32_t> members;   // [L, M, N] clients ordered by cluster, ascending within one
+  std::vector<int64_t> start;     // [L, M, N + 1] (first n_labels + 1 entries used)
   std::vector<int64_t> n_labels;  // [L, M]
 };
 
 Partitions compact_partitions(const at::Tensor& labels, int64_t n) {
   const int64_t parts = labels.size(0) * labels.size(1);
   const int64_t* raw = labels.data_ptr<int64_t>();
-  Partitions p{std::vector<int32_t>(parts * n), std::vector<int64_t>(parts * n, 0), std::vector<int64_t>(parts)};
+  Partitions p{std::vector<int32_t>(parts * n), std::vector<int32_t>(parts * n), std::vector<int64_t>(parts * (n + 1), 0),
+               std::vector<int64_t>(parts)};
   std::vector<int32_t> slot(n);
   for (int64_t q = 0; q < parts; ++q) {
     std::fill(slot.begin(), slot.end(), -1);
     int32_t k = 0;
+    int32_t* label = p.label.data() + q * n;
+    int64_t* start = p.start.data() + q * (n + 1);
     for (int64_t j = 0; j < n; ++j) {
       const int64_t v = raw[q * n + j];
       TORCH_CHECK_VALUE(v >= 0 && v < n, "silhouette: labels must lie in [0, N) with N=", n, ", found ", v,
                         " at [", q / labels.size(1), ", ", q % labels.size(1), ", ", j, "]");
       if (slot[v] < 0) slot[v] = k++;
-      p.label[q * n + j] = slot[v];
-      ++p.size[q * n + slot[v]];
+      label[j] = slot[v];
+      ++start[label[j] + 1];
     }
+    for (int32_t c = 0; c < k; ++c) start[c + 1] += start[c];
+    std::vector<int64_t> next(start, start + k);
+    for (int64_t j = 0; j < n; ++j) p.members[q * n + next[label[j]]++] = static_cast<int32_t>(j);
     p.n_labels[q] = k;
   }
   return p;
 }
 
-// Rows are scored in blocks of kRows: the block is transposed once into a [N, kRows] double tile,
-// so that summing it per cluster is a contiguous vector add per column j (the scatter has no
-// per-element dependency chain), and every partition of the layer reuses the tile from cache.
+// Rows are scored in blocks of kRows: the block is transposed once into a [N, kRows] double tile, so
+// that a cluster's sums are kRows running sums over its members' tile rows, kept in registers (no
+// scatter through memory), and every partition of the layer reuses the tile from cache.
 constexpr int64_t kRows = 16;
 
 // tile[j, r] = rows[r, j] for r < n_rows, in 16-column steps so that reads and writes stay in L1.
@@ -60,8 +68,15 @@ void transpose_rows(const scalar_t* __restrict__ rows, int64_t n, int64_t n_rows
   }
 }
 
-inline void add_tile_row(const double* __restrict__ src, double* __restrict__ dst) {
-  for (int64_t r = 0; r < kRows; ++r) dst[r] += src[r];
+// out[r] = sum of tile[j, r] over the given clients j; the sums stay in registers.
+inline void sum_tile_rows(const double* __restrict__ tile, const int32_t* __restrict__ clients, int64_t count,
+                          double* __restrict__ out) {
+  double acc[kRows] = {};
+  for (int64_t t = 0; t < count; ++t) {
+    const double* row = tile + clients[t] * kRows;
+    for (int64_t r = 0; r < kRows; ++r) acc[r] += row[r];
+  }
+  for (int64_t r = 0; r < kRows; ++r) out[r] = acc[r];
 }
 
 template <typename scalar_t>
@@ -74,23 +89,25 @@ void silhouette_rows(const scalar_t* d, const Partitions& p, int64_t n_layers, i
       const int64_t l = item / blocks;
       const int64_t i0 = (item % blocks) * kRows;
       const int64_t rows = std::min(kRows, n - i0);
-      std::fill(tile.begin(), tile.end(), 0.0);
+      // A last, partial block leaves stale values in lanes r >= rows: they are summed but never read.
       transpose_rows(d + (l * n + i0) * n, n, rows, tile.data());
       for (int64_t m = 0; m < n_parts; ++m) {
         const int64_t q = l * n_parts + m;
         const int64_t k = p.n_labels[q];
         if (!silhouette_defined(k, n)) continue;
         const int32_t* lab = p.label.data() + q * n;
-        const int64_t* size = p.size.data() + q * n;
-        std::fill(sums.begin(), sums.begin() + k * kRows, 0.0);
-        for (int64_t j = 0; j < n; ++j) add_tile_row(tile.data() + j * kRows, sums.data() + lab[j] * kRows);
+        const int32_t* members = p.members.data() + q * n;
+        const int64_t* start = p.start.data() + q * (n + 1);
+        for (int64_t c = 0; c < k; ++c)
+          sum_tile_rows(tile.data(), members + start[c], start[c + 1] - start[c], sums.data() + c * kRows);
         for (int64_t r = 0; r < rows; ++r) {
           const int32_t own = lab[i0 + r];
           double b = std::numeric_limits<double>::infinity();
           for (int64_t c = 0; c < k; ++c)
-            if (c != own) b = std::min(b, sums[c * kRows + r] / static_cast<double>(size[c]));
-          const double a = sums[own * kRows + r] / static_cast<double>(std::max<int64_t>(size[own] - 1, 1));
-          scores[q * n + i0 + r] = silhouette_from_means(a, b, size[own]);
+            if (c != own) b = std::min(b, sums[c * kRows + r] / static_cast<double>(start[c + 1] - start[c]));
+          const int64_t own_size = start[own + 1] - start[own];
+          const double a = sums[own * kRows + r] / static_cast<double>(std::max<int64_t>(own_size - 1, 1));
+          scores[q * n + i0 + r] = silhouette_from_means(a, b, own_size);
         }
       }
     }
