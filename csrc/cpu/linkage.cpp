@@ -14,9 +14,17 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <memory>
+#include <new>
 #include <limits>
 #include <numeric>
+#include <utility>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "linkage_update.h"
 #include "nvtx_range.h"
@@ -27,13 +35,28 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // The strict upper triangle of d, row after row (scipy's condensed form): (i, j), i < j, lives at
-// row[i] + j.
+// row[i] + j. nn_chain reads its columns, one row apart per element: on Linux the buffer asks for
+// transparent huge pages, so that those reads do not also miss the TLB.
 struct Condensed {
   std::vector<int64_t> row;  // start of row i minus (i + 1)
-  std::vector<double> data;
+  std::unique_ptr<double, void (*)(void*)> buffer{nullptr, std::free};
+  double* data = nullptr;
 
-  explicit Condensed(int64_t n) : row(n), data(n * (n - 1) / 2) {
+  explicit Condensed(int64_t n) : row(n) {
     for (int64_t i = 0; i < n; ++i) row[i] = i * n - i * (i + 1) / 2 - (i + 1);
+    constexpr size_t kHugePage = size_t{2} << 20;
+    size_t bytes = std::max<size_t>(sizeof(double) * static_cast<size_t>(n * (n - 1) / 2), sizeof(double));
+    void* p = nullptr;
+#if defined(__linux__)
+    bytes = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    if (posix_memalign(&p, kHugePage, bytes) != 0) p = nullptr;
+    if (p != nullptr) madvise(p, bytes, MADV_HUGEPAGE);  // a hint; refusal is harmless
+#else
+    p = std::malloc(bytes);
+#endif
+    if (p == nullptr) throw std::bad_alloc();
+    buffer.reset(static_cast<double*>(p));
+    data = buffer.get();
   }
 };
 
@@ -44,28 +67,33 @@ void check_distance_matrix(const double* d, int64_t n, Condensed* condensed) {
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK_VALUE(d[i * n + i] == 0.0, "linkage: d must have a zero diagonal, d[", i, ", ", i, "] = ", d[i * n + i]);
   }
+  // Work items are the tiles on and above the diagonal, so that threads get equal shares.
   constexpr int64_t kTile = 64;
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  std::vector<std::pair<int64_t, int64_t>> items;
+  items.reserve(tiles * (tiles + 1) / 2);
+  for (int64_t bi = 0; bi < tiles; ++bi) {
+    for (int64_t bj = bi; bj < tiles; ++bj) items.emplace_back(bi * kTile, bj * kTile);
+  }
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
-  at::parallel_for(0, (n + kTile - 1) / kTile, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i0 = b * kTile, i1 = std::min(n, i0 + kTile);
-      for (int64_t j0 = i0; j0 < n; j0 += kTile) {
-        const int64_t j1 = std::min(n, j0 + kTile);
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t j_begin = std::max(j0, i + 1);
-          bool ok = true;
-          for (int64_t j = j_begin; j < j1; ++j) {
-            const double v = d[i * n + j];
-            // v >= 0 is false for NaN; v < inf rules out +inf.
-            ok &= (v >= 0.0) & (v < kInf) & (v == d[j * n + i]);
-          }
-          if (condensed != nullptr && j_begin < j1) {
-            std::copy(d + i * n + j_begin, d + i * n + j1, condensed->data.data() + condensed->row[i] + j_begin);
-          }
-          if (!ok) {
-            int64_t seen = first_bad.load();
-            while (i < seen && !first_bad.compare_exchange_weak(seen, i)) {
-            }
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto [i0, j0] = items[t];
+      const int64_t i1 = std::min(n, i0 + kTile), j1 = std::min(n, j0 + kTile);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t j_begin = std::max(j0, i + 1);
+        bool ok = true;
+        for (int64_t j = j_begin; j < j1; ++j) {
+          const double v = d[i * n + j];
+          // v >= 0 is false for NaN; v < inf rules out +inf.
+          ok &= (v >= 0.0) & (v < kInf) & (v == d[j * n + i]);
+        }
+        if (condensed != nullptr && j_begin < j1) {
+          std::copy(d + i * n + j_begin, d + i * n + j1, condensed->data + condensed->row[i] + j_begin);
+        }
+        if (!ok) {
+          int64_t seen = first_bad.load();
+          while (i < seen && !first_bad.compare_exchange_weak(seen, i)) {
           }
         }
       }
@@ -136,7 +164,7 @@ inline void prefetch(const double* p) {
 // cannot cycle.
 template <LinkageMethod M>
 std::vector<Merge> nn_chain(Condensed& c, int64_t n) {
-  double* D = c.data.data();
+  double* D = c.data;
   const int64_t* row = c.row.data();
   std::vector<Merge> merges(n - 1);
   std::vector<int> size(n, 1);
@@ -196,7 +224,10 @@ std::vector<Merge> nn_chain(Condensed& c, int64_t n) {
     const size_t px = std::lower_bound(ids, ids + count, x) - ids;  // first live index above x
     const size_t py = std::lower_bound(ids, ids + count, y) - ids;  // ids[py] == y
     for (size_t p = 0; p < px; ++p) {
-      if (p + kPrefetchAhead < px) prefetch(D + row[ids[p + kPrefetchAhead]] + x);
+      if (p + kPrefetchAhead < px) {
+        prefetch(D + row[ids[p + kPrefetchAhead]] + x);
+        prefetch(D + row[ids[p + kPrefetchAhead]] + y);
+      }
       double* ri = D + row[ids[p]];
       ri[y] = linkage_update<M>(ri[x], ri[y], current_min, nx, ny, size[ids[p]]);
     }
