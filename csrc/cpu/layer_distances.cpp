@@ -1,7 +1,7 @@
-// layer_distances on CPU: per layer, the slice prepared with float64 arithmetic (centred or unit rows), its Gram
-// matrix through library GEMM (at::mm on row blocks, upper triangle only), then a fused, row-parallel
-// epilogue that writes the layer's distances and adds them into the float64 sum over layers.
-// Also defines the host-side helpers the CUDA entry point shares (see distance_epilogue.h).
+// layer_distances on CPU: per layer, the slice prepared with float64 arithmetic (centred or unit
+// rows), its Gram matrix through library GEMM (at::mm on row blocks, upper triangle only), then a
+// fused, row-parallel epilogue that writes the layer's distances and adds them into the float64 sum
+// over layers. Also defines the host-side helpers the CUDA entry point shares (distance_epilogue.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
