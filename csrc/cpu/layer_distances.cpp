@@ -1,14 +1,15 @@
-// layer_distances on CPU: per layer, one library GEMM (at::mm) for the Gram matrix of the prepared
-// slice, then a fused, row-parallel epilogue that writes the layer's distances and adds them into
-// the float64 sum over layers.
+// layer_distances on CPU: per layer, the slice prepared with float64 arithmetic (centred or unit
+// rows), its Gram matrix through library GEMM (at::mm on row blocks, upper triangle only), then a
+// fused, row-parallel epilogue that writes the layer's distances and adds them into the float64 sum
+// over layers. Also defines the host-side helpers the CUDA entry point shares (distance_epilogue.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <type_traits>
 #include <vector>
-#include <torch/library.h>
 
 #include "distance_epilogue.h"
 #include "nvtx_range.h"
