@@ -23,9 +23,12 @@ def layer_distances(x: torch.Tensor, layer_offsets: torch.Tensor, metric: str = 
         if metric == "frobenius":
             d = (s[:, None, :] - s[None, :, :]).pow(2).sum(-1).sqrt()
         else:  # cosine: 1 - cos, a zero row is dissimilar (cos 0) to everything but itself
+            peak = s.abs().amax(dim=1, keepdim=True)
+            s = s / torch.where(peak == 0, torch.ones_like(peak), peak)  # no overflow in the norm; NaN stays NaN
             norms = s.norm(dim=1)
             cos = (s @ s.T) / (norms[:, None] * norms[None, :])
-            cos = torch.where((norms[:, None] > 0) & (norms[None, :] > 0), cos, torch.zeros_like(cos))
+            zero = (norms[:, None] == 0) | (norms[None, :] == 0)
+            cos = torch.where(zero, torch.zeros_like(cos), cos)
             d = (1.0 - cos).clamp(0.0, 2.0)
         d = 0.5 * (d + d.T)
         d.fill_diagonal_(0.0)
