@@ -1,8 +1,8 @@
 // CPU kernel of fedtreelora::tree_reduce: weighted cluster means and external means of client rows,
 // with one partition per layer, in a single read of x. Work items are (layer, column chunk): a
-// thread streams x[:, chunk] for every client into a small [C, chunk] double accumulator that stays
-// in cache; external sums are the column totals minus the cluster sums. No per-client copies, no
-// one-hot matrices.
+// thread streams x[:, chunk] for every client, cluster by cluster, into a small [C, chunk] double
+// accumulator that stays in cache; external sums are the column totals minus the cluster sums. No
+// per-client copies, no one-hot matrices.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -27,31 +27,60 @@ struct Chunk {
   int64_t layer, begin, end;
 };
 
-// Per layer and cluster: the summed weight and the number of clients.
-struct ClusterWeights {
-  std::vector<double> weight;  // [L, C]
-  std::vector<int64_t> count;  // [L, C]
-  std::vector<double> total;   // [L]
+// Per layer: the clients grouped by cluster (a stable counting sort), cluster c's members being
+// members[start[c] : start[c + 1]], and each cluster's summed weight.
+struct LayerClusters {
+  std::vector<int32_t> members;  // [L, N]
+  std::vector<int64_t> start;    // [L, C + 1]
+  std::vector<double> weight;    // [L, C]
+  std::vector<double> total;     // [L]
 };
 
-ClusterWeights cluster_weights(const int64_t* labels, const double* weights, int64_t n_layers, int64_t n,
-                               int64_t n_clusters) {
-  ClusterWeights cw{std::vector<double>(n_layers * n_clusters, 0.0), std::vector<int64_t>(n_layers * n_clusters, 0),
-                    std::vector<double>(n_layers, 0.0)};
+LayerClusters group_clients(const int64_t* labels, const double* weights, int64_t n_layers, int64_t n,
+                            int64_t n_clusters) {
+  LayerClusters lc{std::vector<int32_t>(n_layers * n), std::vector<int64_t>(n_layers * (n_clusters + 1), 0),
+                   std::vector<double>(n_layers * n_clusters, 0.0), std::vector<double>(n_layers, 0.0)};
   for (int64_t k = 0; k < n; ++k)
     TORCH_CHECK_VALUE(std::isfinite(weights[k]) && weights[k] > 0, "tree_reduce: weights must be finite and > 0, client ",
                       k, " has weight ", weights[k]);
+  std::vector<int64_t> next(n_clusters);
   for (int64_t l = 0; l < n_layers; ++l) {
+    const int64_t* lab = labels + l * n;
+    int64_t* start = lc.start.data() + l * (n_clusters + 1);
     for (int64_t k = 0; k < n; ++k) {
-      const int64_t c = labels[l * n + k];
-      TORCH_CHECK_VALUE(c >= 0 && c < n_clusters, "tree_reduce: labels must lie in [0, n_clusters=", n_clusters,
-                        "), client ", k, " has label ", c, " in layer ", l);
-      cw.weight[l * n_clusters + c] += weights[k];
-      cw.count[l * n_clusters + c] += 1;
-      cw.total[l] += weights[k];
+      TORCH_CHECK_VALUE(lab[k] >= 0 && lab[k] < n_clusters, "tree_reduce: labels must lie in [0, n_clusters=",
+                        n_clusters, "), client ", k, " has label ", lab[k], " in layer ", l);
+      ++start[lab[k] + 1];
+      lc.weight[l * n_clusters + lab[k]] += weights[k];
+      lc.total[l] += weights[k];
     }
+    for (int64_t c = 0; c < n_clusters; ++c) start[c + 1] += start[c];
+    std::copy(start, start + n_clusters, next.begin());
+    for (int64_t k = 0; k < n; ++k) lc.members[l * n + next[lab[k]]++] = static_cast<int32_t>(k);
   }
-  return cw;
+  return lc;
+}
+
+// dst[j] += sum over the given rows of w_i * x_i[j]. Four clients per pass: the accumulator row is
+// loaded and stored once per four rows of x read.
+template <typename scalar_t>
+void add_weighted_rows(const scalar_t* const* x, const double* w, int64_t count, double* __restrict__ dst, int64_t width) {
+  int64_t i = 0;
+  for (; i + 4 <= count; i += 4) {
+    const scalar_t* __restrict__ x0 = x[i];
+    const scalar_t* __restrict__ x1 = x[i + 1];
+    const scalar_t* __restrict__ x2 = x[i + 2];
+    const scalar_t* __restrict__ x3 = x[i + 3];
+    const double w0 = w[i], w1 = w[i + 1], w2 = w[i + 2], w3 = w[i + 3];
+    for (int64_t j = 0; j < width; ++j)
+      dst[j] += w0 * static_cast<double>(x0[j]) + w1 * static_cast<double>(x1[j]) + w2 * static_cast<double>(x2[j]) +
+                w3 * static_cast<double>(x3[j]);
+  }
+  for (; i < count; ++i) {
+    const scalar_t* __restrict__ xi = x[i];
+    const double wi = w[i];
+    for (int64_t j = 0; j < width; ++j) dst[j] += wi * static_cast<double>(xi[j]);
+  }
 }
 
 std::vector<Chunk> column_chunks(const int64_t* offsets, int64_t n_layers, int64_t n_clusters) {
@@ -65,37 +94,41 @@ std::vector<Chunk> column_chunks(const int64_t* offsets, int64_t n_layers, int64
 }
 
 template <typename scalar_t>
-void reduce_chunks(const scalar_t* x, int64_t row_stride, const int64_t* labels, const double* weights,
-                   const ClusterWeights& cw, const std::vector<Chunk>& chunks, int64_t n, int64_t n_clusters,
-                   int64_t p, scalar_t* cluster_out, scalar_t* external_out) {
+void reduce_chunks(const scalar_t* x, int64_t row_stride, const double* weights, const LayerClusters& lc,
+                   const std::vector<Chunk>& chunks, int64_t n, int64_t n_clusters, int64_t p, scalar_t* cluster_out,
+                   scalar_t* external_out) {
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<double> acc, total;
+    std::vector<const scalar_t*> rows(n);
+    std::vector<double> row_weight(n);
     for (int64_t item = begin; item < end; ++item) {
       const Chunk ch = chunks[item];
       const int64_t w = ch.end - ch.begin;
-      const int64_t* lab = labels + ch.layer * n;
-      acc.assign(n_clusters * w, 0.0);
-      for (int64_t k = 0; k < n; ++k) {  // the one read of x[:, chunk]
-        const scalar_t* __restrict__ src = x + k * row_stride + ch.begin;
-        double* __restrict__ dst = acc.data() + lab[k] * w;
-        const double wk = weights[k];
-        for (int64_t j = 0; j < w; ++j) dst[j] += wk * static_cast<double>(src[j]);
+      const int32_t* members = lc.members.data() + ch.layer * n;
+      const int64_t* start = lc.start.data() + ch.layer * (n_clusters + 1);
+      for (int64_t t = 0; t < n; ++t) {  // clients in cluster order
+        rows[t] = x + members[t] * row_stride + ch.begin;
+        row_weight[t] = weights[members[t]];
       }
-      const double* cweight = cw.weight.data() + ch.layer * n_clusters;
-      const int64_t* count = cw.count.data() + ch.layer * n_clusters;
+      acc.assign(n_clusters * w, 0.0);
+      for (int64_t c = 0; c < n_clusters; ++c)  // together, the one read of x[:, chunk]
+        add_weighted_rows(rows.data() + start[c], row_weight.data() + start[c], start[c + 1] - start[c],
+                          acc.data() + c * w, w);
+      const double* cweight = lc.weight.data() + ch.layer * n_clusters;
       total.assign(w, 0.0);
       for (int64_t c = 0; c < n_clusters; ++c) {
-        if (count[c] == 0) continue;
+        if (start[c + 1] == start[c]) continue;
         const double* row = acc.data() + c * w;
         for (int64_t j = 0; j < w; ++j) total[j] += row[j];
       }
       for (int64_t c = 0; c < n_clusters; ++c) {
+        const int64_t count = start[c + 1] - start[c];
         const double* row = acc.data() + c * w;
         scalar_t* cl = cluster_out + c * p + ch.begin;
         scalar_t* ex = external_out + c * p + ch.begin;
         for (int64_t j = 0; j < w; ++j) {
-          cl[j] = static_cast<scalar_t>(cluster_mean(row[j], cweight[c], count[c]));
-          ex[j] = static_cast<scalar_t>(external_mean(total[j], row[j], cw.total[ch.layer], cweight[c], count[c], n));
+          cl[j] = static_cast<scalar_t>(cluster_mean(row[j], cweight[c], count));
+          ex[j] = static_cast<scalar_t>(external_mean(total[j], row[j], lc.total[ch.layer], cweight[c], count, n));
         }
       }
     }
@@ -132,15 +165,15 @@ std::tuple<at::Tensor, at::Tensor> tree_reduce_cpu(const at::Tensor& x, const at
 
   const at::Tensor lab = labels.contiguous();
   const at::Tensor w = weights.contiguous();
-  const ClusterWeights cw = cluster_weights(lab.data_ptr<int64_t>(), w.data_ptr<double>(), n_layers, n, n_clusters);
+  const LayerClusters lc = group_clients(lab.data_ptr<int64_t>(), w.data_ptr<double>(), n_layers, n, n_clusters);
   const std::vector<Chunk> chunks = column_chunks(o, n_layers, n_clusters);
   // Rows may be strided (a slice of a wider tensor) without a copy; columns must be unit-stride.
   const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor cluster = at::empty({n_clusters, p}, x.options());
   at::Tensor external = at::empty({n_clusters, p}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tree_reduce_cpu", [&] {
-    reduce_chunks(xs.data_ptr<scalar_t>(), xs.stride(0), lab.data_ptr<int64_t>(), w.data_ptr<double>(), cw, chunks, n,
-                  n_clusters, p, cluster.data_ptr<scalar_t>(), external.data_ptr<scalar_t>());
+    reduce_chunks(xs.data_ptr<scalar_t>(), xs.stride(0), w.data_ptr<double>(), lc, chunks, n, n_clusters, p,
+                  cluster.data_ptr<scalar_t>(), external.data_ptr<scalar_t>());
   });
   return {cluster, external};
 }

@@ -1,8 +1,9 @@
 // tree_reduce on CUDA: one thread per column. Consecutive threads own consecutive columns, so each
-// client's row of x is read once and coalesced; the thread adds w_k * x[k, col] into the accumulator
-// of the client's cluster in that column's layer. Accumulators are float64 in shared memory
-// (a [C, threads] block, conflict-free), or in a float64 global workspace when C is too large for
-// shared memory. The per-cluster means are the same arithmetic as on CPU (tree_reduce_math.h).
+// client's row of x is read once and coalesced. Clients are visited cluster by cluster (grouped once
+// per layer by a stable sort of the labels), so each cluster's weighted sum builds up in a float64
+// register; the C sums of a column wait in shared memory (or a global workspace when C is too large
+// for it) until the column total is known. The per-cluster means are the same arithmetic as on CPU
+// (tree_reduce_math.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -35,32 +36,37 @@ __device__ inline int64_t layer_of(const int64_t* offsets, int64_t n_layers, int
 template <typename scalar_t>
 __global__ void tree_reduce_kernel(const scalar_t* __restrict__ x, int64_t row_stride, int64_t n, int64_t p,
                                    const int64_t* __restrict__ offsets, int64_t n_layers,
-                                   const int64_t* __restrict__ labels, const double* __restrict__ weights,
-                                   const double* __restrict__ cluster_weight, const int64_t* __restrict__ cluster_count,
+                                   const int64_t* __restrict__ members, const double* __restrict__ member_weight,
+                                   const int64_t* __restrict__ start, const double* __restrict__ cluster_weight,
                                    const double* __restrict__ total_weight, int64_t n_clusters,
                                    double* __restrict__ global_acc, scalar_t* __restrict__ cluster_out,
                                    scalar_t* __restrict__ external_out) {
   extern __shared__ double shared_acc[];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (col >= p) return;  // no block-wide synchronisation below, so leaving early is safe
-  // Cluster c's accumulator of this column is acc[c * stride].
+  // Cluster c's sum for this column is kept in acc[c * stride] until the total is known.
   double* acc = global_acc != nullptr ? global_acc + col : shared_acc + threadIdx.x;
   const int64_t stride = global_acc != nullptr ? p : static_cast<int64_t>(blockDim.x);
-  for (int64_t c = 0; c < n_clusters; ++c) acc[c * stride] = 0.0;
 
   const int64_t layer = layer_of(offsets, n_layers, col);
-  const int64_t* lab = labels + layer * n;  // the same for every thread of the layer: a broadcast read
-#pragma unroll 8
-  for (int64_t k = 0; k < n; ++k) acc[lab[k] * stride] += weights[k] * static_cast<double>(x[k * row_stride + col]);
-
+  // The same for every thread of the layer: broadcast reads.
+  const int64_t* mem = members + layer * n;
+  const double* mw = member_weight + layer * n;
+  const int64_t* st = start + layer * (n_clusters + 1);
   double total = 0.0;
-  for (int64_t c = 0; c < n_clusters; ++c) total += acc[c * stride];
+  for (int64_t c = 0; c < n_clusters; ++c) {
+    double sum = 0.0;  // in a register: the client loop is one coalesced load and one FMA per client
+#pragma unroll 4
+    for (int64_t t = st[c]; t < st[c + 1]; ++t) sum += mw[t] * static_cast<double>(x[mem[t] * row_stride + col]);
+    acc[c * stride] = sum;
+    total += sum;
+  }
   const double* cw = cluster_weight + layer * n_clusters;
-  const int64_t* count = cluster_count + layer * n_clusters;
   for (int64_t c = 0; c < n_clusters; ++c) {
     const double sum = acc[c * stride];
-    cluster_out[c * p + col] = static_cast<scalar_t>(cluster_mean(sum, cw[c], count[c]));
-    external_out[c * p + col] = static_cast<scalar_t>(external_mean(total, sum, total_weight[layer], cw[c], count[c], n));
+    const int64_t count = st[c + 1] - st[c];
+    cluster_out[c * p + col] = static_cast<scalar_t>(cluster_mean(sum, cw[c], count));
+    external_out[c * p + col] = static_cast<scalar_t>(external_mean(total, sum, total_weight[layer], cw[c], count, n));
   }
 }
 
@@ -109,11 +115,14 @@ std::tuple<at::Tensor, at::Tensor> tree_reduce_cuda(const at::Tensor& x, const a
     TORCH_CHECK_VALUE(false, "tree_reduce: weights must be finite and > 0, client ", k, " has weight ", w[k].item<double>());
   }
 
-  // Per layer and cluster: summed weight and client count (small: [L, C]).
+  // Per layer: the clients grouped by cluster (a stable sort of the labels), cluster c's members being
+  // members[start[c] : start[c + 1]], their weights in that order, and each cluster's summed weight.
+  const at::Tensor members = std::get<1>(at::sort(lab, /*stable=*/true, /*dim=*/1, /*descending=*/false)).contiguous();
+  const at::Tensor member_weight = w.take(members);
+  const at::Tensor cluster_count = at::zeros({n_layers, n_clusters}, lab.options()).scatter_add_(1, lab, at::ones_like(lab));
+  const at::Tensor start = at::cat({at::zeros({n_layers, 1}, lab.options()), cluster_count.cumsum(1)}, 1).contiguous();
   const at::Tensor cluster_weight =
       at::zeros({n_layers, n_clusters}, w.options()).scatter_add_(1, lab, w.unsqueeze(0).expand({n_layers, n}));
-  const at::Tensor cluster_count = at::zeros({n_layers, n_clusters}, lab.options())
-                                       .scatter_add_(1, lab, at::ones({n_layers, n}, lab.options()));
   const at::Tensor total_weight = cluster_weight.sum(1);
   const at::Tensor off_dev = layer_offsets.contiguous();
 
@@ -134,8 +143,8 @@ std::tuple<at::Tensor, at::Tensor> tree_reduce_cuda(const at::Tensor& x, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tree_reduce_cuda", [&] {
     tree_reduce_kernel<scalar_t><<<static_cast<unsigned int>(blocks), threads, shared_bytes,
                                    at::cuda::getCurrentCUDAStream()>>>(
-        xs.data_ptr<scalar_t>(), xs.stride(0), n, p, off_dev.data_ptr<int64_t>(), n_layers, lab.data_ptr<int64_t>(),
-        w.data_ptr<double>(), cluster_weight.data_ptr<double>(), cluster_count.data_ptr<int64_t>(),
+        xs.data_ptr<scalar_t>(), xs.stride(0), n, p, off_dev.data_ptr<int64_t>(), n_layers, members.data_ptr<int64_t>(),
+        member_weight.data_ptr<double>(), start.data_ptr<int64_t>(), cluster_weight.data_ptr<double>(),
         total_weight.data_ptr<double>(), n_clusters, shared ? nullptr : workspace.data_ptr<double>(),
         cluster.data_ptr<scalar_t>(), external.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
