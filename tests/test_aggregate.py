@@ -192,3 +192,12 @@ def test_bad_states_and_trees():
         ftl.aggregate(fewer_layers, tree=tree)
     with pytest.raises(TypeError, match="AggregationTree"):
         ftl.aggregate(states, tree=tree.to_dict())
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "docs" / "example_aggregate.py"), run_name="__main__")
+    assert (tmp_path / "tree.png").stat().st_size > 10_000
