@@ -1,0 +1,150 @@
+// CPU kernel of fedtreelora::silhouette: the mean silhouette of M partitions under each of L
+// distance matrices. Per client row, one pass sums its distances per cluster (O(N)), then a, b and s
+// follow from those sums; O(M N^2) per layer, accumulated in double.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "nvtx_range.h"
+#include "silhouette_math.h"
+
+namespace fedtreelora {
+namespace {
+
+// Labels renumbered 0..k-1 per partition (they may be any values in [0, N)), and the clients grouped
+// by cluster (a stable counting sort): cluster c's members are members[start[c] : start[c + 1]].
+struct Partitions {
+  std::vector<int32_t> label;     // [L, M, N] compact labels
+  std::vector<int32_t> members;   // [L, M, N] clients ordered by cluster, ascending within one
+  std::vector<int64_t> start;     // [L, M, N + 1] (first n_labels + 1 entries used)
+  std::vector<int64_t> n_labels;  // [L, M]
+};
+
+Partitions compact_partitions(const at::Tensor& labels, int64_t n) {
+  const int64_t parts = labels.size(0) * labels.size(1);
+  const int64_t* raw = labels.data_ptr<int64_t>();
+  Partitions p{std::vector<int32_t>(parts * n), std::vector<int32_t>(parts * n), std::vector<int64_t>(parts * (n + 1), 0),
+               std::vector<int64_t>(parts)};
+  std::vector<int32_t> slot(n);
+  for (int64_t q = 0; q < parts; ++q) {
+    std::fill(slot.begin(), slot.end(), -1);
+    int32_t k = 0;
+    int32_t* label = p.label.data() + q * n;
+    int64_t* start = p.start.data() + q * (n + 1);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t v = raw[q * n + j];
+      TORCH_CHECK_VALUE(v >= 0 && v < n, "silhouette: labels must lie in [0, N) with N=", n, ", found ", v,
+                        " at [", q / labels.size(1), ", ", q % labels.size(1), ", ", j, "]");
+      if (slot[v] < 0) slot[v] = k++;
+      label[j] = slot[v];
+      ++start[label[j] + 1];
+    }
+    for (int32_t c = 0; c < k; ++c) start[c + 1] += start[c];
+    std::vector<int64_t> next(start, start + k);
+    for (int64_t j = 0; j < n; ++j) p.members[q * n + next[label[j]]++] = static_cast<int32_t>(j);
+    p.n_labels[q] = k;
+  }
+  return p;
+}
+
+// Rows are scored in blocks of kRows: the block is transposed once into a [N, kRows] double tile, so
+// that a cluster's sums are kRows running sums over its members' tile rows, kept in registers (no
+// scatter through memory), and every partition of the layer reuses the tile from cache.
+constexpr int64_t kRows = 16;
+
+// tile[j, r] = rows[r, j] for r < n_rows, in 16-column steps so that reads and writes stay in L1.
+template <typename scalar_t>
+void transpose_rows(const scalar_t* __restrict__ rows, int64_t n, int64_t n_rows, double* __restrict__ tile) {
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t j1 = std::min(n, j0 + 16);
+    for (int64_t r = 0; r < n_rows; ++r)
+      for (int64_t j = j0; j < j1; ++j) tile[j * kRows + r] = static_cast<double>(rows[r * n + j]);
+  }
+}
+
+// out[r] = sum of tile[j, r] over the given clients j; the sums stay in registers.
+inline void sum_tile_rows(const double* __restrict__ tile, const int32_t* __restrict__ clients, int64_t count,
+                          double* __restrict__ out) {
+  double acc[kRows] = {};
+  for (int64_t t = 0; t < count; ++t) {
+    const double* row = tile + clients[t] * kRows;
+    for (int64_t r = 0; r < kRows; ++r) acc[r] += row[r];
+  }
+  for (int64_t r = 0; r < kRows; ++r) out[r] = acc[r];
+}
+
+template <typename scalar_t>
+void silhouette_rows(const scalar_t* d, const Partitions& p, int64_t n_layers, int64_t n_parts, int64_t n,
+                     double* scores /* [L, M, N] */) {
+  const int64_t blocks = (n + kRows - 1) / kRows;
+  at::parallel_for(0, n_layers * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> tile(n * kRows), sums(n * kRows);  // [N, kRows] distances, [clusters, kRows] sums
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t l = item / blocks;
+      const int64_t i0 = (item % blocks) * kRows;
+      const int64_t rows = std::min(kRows, n - i0);
+      // A last, partial block leaves stale values in lanes r >= rows: they are summed but never read.
+      transpose_rows(d + (l * n + i0) * n, n, rows, tile.data());
+      for (int64_t m = 0; m < n_parts; ++m) {
+        const int64_t q = l * n_parts + m;
+        const int64_t k = p.n_labels[q];
+        if (!silhouette_defined(k, n)) continue;
+        const int32_t* lab = p.label.data() + q * n;
+        const int32_t* members = p.members.data() + q * n;
+        const int64_t* start = p.start.data() + q * (n + 1);
+        for (int64_t c = 0; c < k; ++c)
+          sum_tile_rows(tile.data(), members + start[c], start[c + 1] - start[c], sums.data() + c * kRows);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int32_t own = lab[i0 + r];
+          double b = std::numeric_limits<double>::infinity();
+          for (int64_t c = 0; c < k; ++c)
+            if (c != own) b = std::min(b, sums[c * kRows + r] / static_cast<double>(start[c + 1] - start[c]));
+          const int64_t own_size = start[own + 1] - start[own];
+          const double a = sums[own * kRows + r] / static_cast<double>(std::max<int64_t>(own_size - 1, 1));
+          scores[q * n + i0 + r] = silhouette_from_means(a, b, own_size);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor silhouette_cpu(const at::Tensor& d, const at::Tensor& labels) {
+  NvtxRange range("fedtreelora::silhouette");
+  TORCH_CHECK_VALUE(d.device().is_cpu() && labels.device().is_cpu(), "silhouette: d and labels must be CPU tensors");
+  TORCH_CHECK_VALUE(d.dim() == 3 && d.size(1) == d.size(2), "silhouette: d must be [L, N, N], got ", d.sizes());
+  TORCH_CHECK_TYPE(d.is_floating_point(), "silhouette: d must be floating point, got ", d.scalar_type());
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "silhouette: labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.dim() == 3 && labels.size(0) == d.size(0) && labels.size(2) == d.size(1),
+                    "silhouette: labels must be [L, M, N] = [", d.size(0), ", M, ", d.size(1), "], got ", labels.sizes());
+  const int64_t n_layers = d.size(0), n_parts = labels.size(1), n = d.size(1);
+  const at::Tensor dc = d.contiguous();
+  const Partitions p = compact_partitions(labels.contiguous(), n);
+  std::vector<double> scores(n_layers * n_parts * n, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dc.scalar_type(), "silhouette_cpu", [&] {
+    silhouette_rows(dc.data_ptr<scalar_t>(), p, n_layers, n_parts, n, scores.data());
+  });
+  at::Tensor out = at::empty({n_layers, n_parts}, d.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  for (int64_t q = 0; q < n_layers * n_parts; ++q) {
+    if (!silhouette_defined(p.n_labels[q], n)) {
+      o[q] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    double total = 0.0;  // summed in client order: the result does not depend on the thread count
+    for (int64_t i = 0; i < n; ++i) total += scores[q * n + i];
+    o[q] = static_cast<float>(total / static_cast<double>(n));
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fedtreelora, CPU, m) { m.impl("silhouette", &silhouette_cpu); }
+
+}  // namespace fedtreelora

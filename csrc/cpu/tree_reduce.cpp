@@ -1,0 +1,185 @@
+// CPU kernel of fedtreelora::tree_reduce: weighted cluster means and external means of client rows,
+// with one partition per layer, in a single read of x. Work items are (layer, column chunk): a
+// thread streams x[:, chunk] for every client, cluster by cluster, into a small [C, chunk] double
+// accumulator that stays in cache; external sums are the column totals minus the cluster sums. No
+// per-client copies, no one-hot matrices.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "nvtx_range.h"
+#include "tree_reduce_math.h"
+
+namespace fedtreelora {
+namespace {
+
+// Accumulator budget per thread: [C + 1, chunk] doubles that should stay in L2.
+constexpr int64_t kAccumulatorBytes = 192 * 1024;
+constexpr int64_t kMaxChunk = 2048;
+constexpr int64_t kMinChunk = 16;
+
+struct Chunk {
+  int64_t layer, begin, end;
+};
+
+// Per layer: the clients grouped by cluster (a stable counting sort), cluster c's members being
+// members[start[c] : start[c + 1]], and each cluster's summed weight.
+struct LayerClusters {
+  std::vector<int32_t> members;  // [L, N]
+  std::vector<int64_t> start;    // [L, C + 1]
+  std::vector<double> weight;    // [L, C]
+  std::vector<double> total;     // [L]
+};
+
+LayerClusters group_clients(const int64_t* labels, const double* weights, int64_t n_layers, int64_t n,
+                            int64_t n_clusters) {
+  LayerClusters lc{std::vector<int32_t>(n_layers * n), std::vector<int64_t>(n_layers * (n_clusters + 1), 0),
+                   std::vector<double>(n_layers * n_clusters, 0.0), std::vector<double>(n_layers, 0.0)};
+  for (int64_t k = 0; k < n; ++k)
+    TORCH_CHECK_VALUE(std::isfinite(weights[k]) && weights[k] > 0, "tree_reduce: weights must be finite and > 0, client ",
+                      k, " has weight ", weights[k]);
+  std::vector<int64_t> next(n_clusters);
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const int64_t* lab = labels + l * n;
+    int64_t* start = lc.start.data() + l * (n_clusters + 1);
+    for (int64_t k = 0; k < n; ++k) {
+      TORCH_CHECK_VALUE(lab[k] >= 0 && lab[k] < n_clusters, "tree_reduce: labels must lie in [0, n_clusters=",
+                        n_clusters, "), client ", k, " has label ", lab[k], " in layer ", l);
+      ++start[lab[k] + 1];
+      lc.weight[l * n_clusters + lab[k]] += weights[k];
+      lc.total[l] += weights[k];
+    }
+    for (int64_t c = 0; c < n_clusters; ++c) start[c + 1] += start[c];
+    std::copy(start, start + n_clusters, next.begin());
+    for (int64_t k = 0; k < n; ++k) lc.members[l * n + next[lab[k]]++] = static_cast<int32_t>(k);
+  }
+  return lc;
+}
+
+// dst[j] += sum over the given rows of w_i * x_i[j]. Four clients per pass: the accumulator row is
+// loaded and stored once per four rows of x read.
+template <typename scalar_t>
+void add_weighted_rows(const scalar_t* const* x, const double* w, int64_t count, double* __restrict__ dst, int64_t width) {
+  int64_t i = 0;
+  for (; i + 4 <= count; i += 4) {
+    const scalar_t* __restrict__ x0 = x[i];
+    const scalar_t* __restrict__ x1 = x[i + 1];
+    const scalar_t* __restrict__ x2 = x[i + 2];
+    const scalar_t* __restrict__ x3 = x[i + 3];
+    const double w0 = w[i], w1 = w[i + 1], w2 = w[i + 2], w3 = w[i + 3];
+    for (int64_t j = 0; j < width; ++j)
+      dst[j] += w0 * static_cast<double>(x0[j]) + w1 * static_cast<double>(x1[j]) + w2 * static_cast<double>(x2[j]) +
+                w3 * static_cast<double>(x3[j]);
+  }
+  for (; i < count; ++i) {
+    const scalar_t* __restrict__ xi = x[i];
+    const double wi = w[i];
+    for (int64_t j = 0; j < width; ++j) dst[j] += wi * static_cast<double>(xi[j]);
+  }
+}
+
+std::vector<Chunk> column_chunks(const int64_t* offsets, int64_t n_layers, int64_t n_clusters) {
+  const int64_t budget = kAccumulatorBytes / (static_cast<int64_t>(sizeof(double)) * (n_clusters + 1));
+  const int64_t width = std::max(kMinChunk, std::min(kMaxChunk, budget));
+  std::vector<Chunk> chunks;
+  for (int64_t l = 0; l < n_layers; ++l)
+    for (int64_t c0 = offsets[l]; c0 < offsets[l + 1]; c0 += width)
+      chunks.push_back({l, c0, std::min(offsets[l + 1], c0 + width)});
+  return chunks;
+}
+
+template <typename scalar_t>
+void reduce_chunks(const scalar_t* x, int64_t row_stride, const double* weights, const LayerClusters& lc,
+                   const std::vector<Chunk>& chunks, int64_t n, int64_t n_clusters, int64_t p, scalar_t* cluster_out,
+                   scalar_t* external_out) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> acc, total;
+    std::vector<const scalar_t*> rows(n);
+    std::vector<double> row_weight(n);
+    for (int64_t item = begin; item < end; ++item) {
+      const Chunk ch = chunks[item];
+      const int64_t w = ch.end - ch.begin;
+      const int32_t* members = lc.members.data() + ch.layer * n;
+      const int64_t* start = lc.start.data() + ch.layer * (n_clusters + 1);
+      for (int64_t t = 0; t < n; ++t) {  // clients in cluster order
+        rows[t] = x + members[t] * row_stride + ch.begin;
+        row_weight[t] = weights[members[t]];
+      }
+      acc.assign(n_clusters * w, 0.0);
+      for (int64_t c = 0; c < n_clusters; ++c)  // together, the one read of x[:, chunk]
+        add_weighted_rows(rows.data() + start[c], row_weight.data() + start[c], start[c + 1] - start[c],
+                          acc.data() + c * w, w);
+      const double* cweight = lc.weight.data() + ch.layer * n_clusters;
+      total.assign(w, 0.0);
+      for (int64_t c = 0; c < n_clusters; ++c) {
+        if (start[c + 1] == start[c]) continue;
+        const double* row = acc.data() + c * w;
+        for (int64_t j = 0; j < w; ++j) total[j] += row[j];
+      }
+      for (int64_t c = 0; c < n_clusters; ++c) {
+        const int64_t count = start[c + 1] - start[c];
+        const double* row = acc.data() + c * w;
+        scalar_t* cl = cluster_out + c * p + ch.begin;
+        scalar_t* ex = external_out + c * p + ch.begin;
+        for (int64_t j = 0; j < w; ++j) {
+          cl[j] = static_cast<scalar_t>(cluster_mean(row[j], cweight[c], count));
+          ex[j] = static_cast<scalar_t>(external_mean(total[j], row[j], lc.total[ch.layer], cweight[c], count, n));
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> tree_reduce_cpu(const at::Tensor& x, const at::Tensor& layer_offsets,
+                                                   const at::Tensor& labels, const at::Tensor& weights,
+                                                   int64_t n_clusters) {
+  NvtxRange range("fedtreelora::tree_reduce");
+  for (const at::Tensor* t : {&x, &layer_offsets, &labels, &weights})
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "tree_reduce: x, layer_offsets, labels and weights must be CPU tensors");
+  TORCH_CHECK_VALUE(x.dim() == 2, "tree_reduce: x must be [N, P], got ", x.sizes());
+  TORCH_CHECK_TYPE(x.is_floating_point(), "tree_reduce: x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(layer_offsets.scalar_type() == at::kLong, "tree_reduce: layer_offsets must be int64");
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "tree_reduce: labels must be int64");
+  TORCH_CHECK_TYPE(weights.scalar_type() == at::kDouble, "tree_reduce: weights must be float64");
+  TORCH_CHECK_VALUE(n_clusters >= 1, "tree_reduce: n_clusters must be >= 1, got ", n_clusters);
+  const int64_t n = x.size(0), p = x.size(1);
+  TORCH_CHECK_VALUE(layer_offsets.dim() == 1 && layer_offsets.numel() >= 2,
+                    "tree_reduce: layer_offsets must be [L + 1] with L >= 1, got ", layer_offsets.sizes());
+  const int64_t n_layers = layer_offsets.numel() - 1;
+  TORCH_CHECK_VALUE(labels.dim() == 2 && labels.size(0) == n_layers && labels.size(1) == n,
+                    "tree_reduce: labels must be [L, N] = [", n_layers, ", ", n, "], got ", labels.sizes());
+  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.size(0) == n, "tree_reduce: weights must be [N] = [", n, "], got ",
+                    weights.sizes());
+  const at::Tensor off = layer_offsets.contiguous();
+  const int64_t* o = off.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(o[0] == 0 && o[n_layers] == p, "tree_reduce: layer_offsets must run from 0 to P=", p, ", got ", o[0],
+                    " to ", o[n_layers]);
+  for (int64_t l = 0; l < n_layers; ++l)
+    TORCH_CHECK_VALUE(o[l] < o[l + 1], "tree_reduce: layer_offsets must be strictly increasing, layer ", l, " spans [",
+                      o[l], ", ", o[l + 1], ")");
+
+  const at::Tensor lab = labels.contiguous();
+  const at::Tensor w = weights.contiguous();
+  const LayerClusters lc = group_clients(lab.data_ptr<int64_t>(), w.data_ptr<double>(), n_layers, n, n_clusters);
+  const std::vector<Chunk> chunks = column_chunks(o, n_layers, n_clusters);
+  // Rows may be strided (a slice of a wider tensor) without a copy; columns must be unit-stride.
+  const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();
+  at::Tensor cluster = at::empty({n_clusters, p}, x.options());
+  at::Tensor external = at::empty({n_clusters, p}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tree_reduce_cpu", [&] {
+    reduce_chunks(xs.data_ptr<scalar_t>(), xs.stride(0), w.data_ptr<double>(), lc, chunks, n, n_clusters, p,
+                  cluster.data_ptr<scalar_t>(), external.data_ptr<scalar_t>());
+  });
+  return {cluster, external};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fedtreelora, CPU, m) { m.impl("tree_reduce", &tree_reduce_cpu); }
+
+}  // namespace fedtreelora

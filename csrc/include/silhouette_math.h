@@ -1,0 +1,31 @@
+// Silhouette of one client from its summed distances to every cluster; shared by the CPU and CUDA
+// kernels so that both follow sklearn's definition (metrics.silhouette_samples) to the letter.
+#pragma once
+
+#include <cstdint>
+
+#ifndef FEDTREELORA_HD
+#if defined(__CUDACC__)
+#define FEDTREELORA_HD __host__ __device__
+#else
+#define FEDTREELORA_HD
+#endif
+#endif
+
+namespace fedtreelora {
+
+// a = mean distance to the other members of the own cluster (own_sum / (own_size - 1)),
+// b = smallest mean distance to another cluster; s = (b - a) / max(a, b).
+// A singleton scores 0, and so does a == b == 0 (sklearn's nan_to_num of 0/0).
+FEDTREELORA_HD inline double silhouette_from_means(double a, double b, int64_t own_size) {
+  if (own_size <= 1) return 0.0;
+  const double denom = a > b ? a : b;
+  return denom > 0.0 ? (b - a) / denom : 0.0;
+}
+
+// The partition is scored only when 2 <= distinct labels <= N - 1 (sklearn raises otherwise).
+FEDTREELORA_HD inline bool silhouette_defined(int64_t n_labels, int64_t n) {
+  return n_labels >= 2 && n_labels <= n - 1;
+}
+
+}  // namespace fedtreelora

@@ -1,0 +1,212 @@
+"""fedtreelora.ops.silhouette against sklearn.metrics.silhouette_score(metric="precomputed").
+
+sklearn sees exactly the values the kernel sees (d converted to float64), so the only difference
+allowed is the float32 output and summation order: 1e-5 absolute. Where sklearn refuses a partition
+(fewer than 2 or more than N-1 distinct labels) the op returns NaN.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.cluster.hierarchy import cut_tree, linkage
+from scipy.spatial.distance import squareform
+from sklearn.metrics import silhouette_score
+
+import fedtreelora.ops as ops
+
+TOL = 1e-5
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def sklearn_scores(d: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """[L, M] float64 from sklearn, NaN where it raises for the number of labels."""
+    dd = d.to(torch.float64).numpy()
+    ll = labels.numpy()
+    out = np.full(ll.shape[:2], np.nan)
+    for l in range(ll.shape[0]):
+        for m in range(ll.shape[1]):
+            k = len(np.unique(ll[l, m]))
+            if 2 <= k <= ll.shape[2] - 1:
+                out[l, m] = silhouette_score(dd[l], ll[l, m], metric="precomputed")
+            else:
+                with pytest.raises(ValueError):
+                    silhouette_score(dd[l], ll[l, m], metric="precomputed")
+    return out
+
+
+def assert_matches_sklearn(d: torch.Tensor, labels: torch.Tensor) -> None:
+    d_before, labels_before = d.clone(), labels.clone()
+    got = ops.silhouette(d, labels)
+    assert torch.equal(d, d_before) and torch.equal(labels, labels_before), "inputs were modified"
+    assert got.dtype == torch.float32 and got.shape == labels.shape[:2]
+    want = sklearn_scores(d, labels)
+    np.testing.assert_array_equal(np.isnan(got.numpy()), np.isnan(want), err_msg="NaN pattern differs from sklearn")
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=TOL)
+
+
+def random_distances(rng: np.random.Generator, n_layers: int, n: int, kind: str) -> np.ndarray:
+    """Symmetric zero-diagonal distances: euclidean points, duplicated clients, small-integer ties."""
+    out = np.zeros((n_layers, n, n))
+    for l in range(n_layers):
+        if kind == "ties":  # few distinct values: equal a and b, equal cluster means
+            a = rng.integers(0, 3, size=(n, n)).astype(np.float64)
+            d = np.triu(a, 1) + np.triu(a, 1).T
+        else:
+            pts = rng.normal(size=(n, rng.integers(1, 6)))
+            if kind == "duplicates" and n > 1:  # clients copied onto others: zero off-diagonal distances
+                src = rng.integers(0, n, size=n)
+                copy = rng.random(n) < 0.5
+                pts[copy] = pts[src[copy]]
+            d = np.sqrt(((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1))
+            d = 0.5 * (d + d.T)
+        np.fill_diagonal(d, 0.0)
+        out[l] = d
+    return out
+
+
+def random_labels(rng: np.random.Generator, n_layers: int, n_parts: int, n: int) -> np.ndarray:
+    """Random partitions with k distinct labels drawn (non-contiguously) from [0, N)."""
+    out = np.zeros((n_layers, n_parts, n), dtype=np.int64)
+    for l in range(n_layers):
+        for m in range(n_parts):
+            k = int(rng.integers(1, n + 1))
+            values = rng.choice(n, size=k, replace=False)
+            out[l, m] = values[rng.integers(0, k, size=n)]
+    return out
+
+
+@SETTINGS
+@given(n=st.integers(1, 40), n_layers=st.integers(1, 3), n_parts=st.integers(1, 4),
+       kind=st.sampled_from(["points", "duplicates", "ties"]), dtype=st.sampled_from([torch.float64, torch.float32]),
+       seed=st.integers(0, 2**32 - 1))
+def test_random_partitions_match_sklearn(n, n_layers, n_parts, kind, dtype, seed):
+    rng = np.random.default_rng(seed)
+    d = torch.from_numpy(random_distances(rng, n_layers, n, kind)).to(dtype)
+    labels = torch.from_numpy(random_labels(rng, n_layers, n_parts, n))
+    assert_matches_sklearn(d, labels)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(60, 200), seed=st.integers(0, 2**32 - 1))
+def test_nested_tree_cuts_match_sklearn(n, seed):
+    """The partitions the cut search scores: every cut of an average-linkage tree, per layer."""
+    rng = np.random.default_rng(seed)
+    d = random_distances(rng, 2, n, "duplicates")
+    counts = sorted(set(rng.integers(1, n + 1, size=5).tolist()) | {1, 2, n - 1, n})
+    labels = np.stack([cut_tree(linkage(squareform(d[l], checks=False), "average"), n_clusters=counts).T
+                       for l in range(2)])
+    assert_matches_sklearn(torch.from_numpy(d), torch.from_numpy(labels.astype(np.int64)))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_edge_sizes(n):
+    """Every partition of 1, 2 and 3 clients: only 2 clusters of 3 clients is scored."""
+    rng = np.random.default_rng(n)
+    d = torch.from_numpy(random_distances(rng, 1, n, "points"))
+    parts = {tuple(int(v) for v in p) for p in np.ndindex(*([n] * n))}
+    labels = torch.tensor(sorted(parts), dtype=torch.int64)[None]
+    assert_matches_sklearn(d, labels)
+    got = ops.silhouette(d, labels)[0]
+    k = torch.tensor([len(set(p)) for p in labels[0].tolist()])
+    assert torch.equal(torch.isnan(got), (k < 2) | (k > n - 1))
+
+
+def test_singletons_score_zero():
+    """A partition of singletons plus one pair: singletons add 0, the pair's two members their s."""
+    d = torch.tensor([[0, 1, 4, 5], [1, 0, 4, 5], [4, 4, 0, 2], [5, 5, 2, 0]], dtype=torch.float64)
+    labels = torch.tensor([[3, 3, 1, 0]])  # non-contiguous labels (no 2); clients 2 and 3 are singletons
+    s_pair = (4.0 - 1.0) / 4.0  # a = 1, b = min(mean to {2} = 4, mean to {3} = 5) = 4
+    assert ops.silhouette(d, labels).item() == pytest.approx(2 * s_pair / 4, abs=1e-7)
+    assert_matches_sklearn(d[None], labels[None])
+
+
+def test_all_zero_distances_score_zero():
+    """Duplicates everywhere: a = b = 0 gives s = 0 (sklearn's nan_to_num), not NaN."""
+    d = torch.zeros(1, 5, 5)
+    labels = torch.tensor([[[0, 0, 1, 1, 3]]])
+    assert ops.silhouette(d, labels).item() == 0.0
+    assert_matches_sklearn(d, labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_distances(dtype):
+    rng = np.random.default_rng(0)
+    d = torch.from_numpy(random_distances(rng, 2, 30, "points")).to(dtype)
+    labels = torch.from_numpy(random_labels(rng, 2, 3, 30))
+    assert_matches_sklearn(d, labels)
+
+
+def test_non_contiguous_inputs_and_2d_form():
+    rng = np.random.default_rng(1)
+    n = 25
+    base = torch.from_numpy(random_distances(rng, 2, n + 4, "points"))
+    d = base[:, 2:2 + n, 2:2 + n]  # strided view; still a zero-diagonal distance matrix per layer
+    labels_wide = torch.from_numpy(random_labels(rng, 2, 6, n))
+    labels = labels_wide[:, ::2]
+    assert not d.is_contiguous() and not labels.is_contiguous()
+    assert_matches_sklearn(d, labels)
+    two_d = ops.silhouette(d[0], labels[0])
+    assert two_d.shape == (3,)
+    assert torch.equal(two_d, ops.silhouette(d.contiguous(), labels.contiguous())[0])
+
+
+def test_result_does_not_depend_on_thread_count():
+    rng = np.random.default_rng(2)
+    d = torch.from_numpy(random_distances(rng, 3, 90, "points"))
+    labels = torch.from_numpy(random_labels(rng, 3, 4, 90))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.silhouette(d, labels)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, ops.silhouette(d, labels))
+
+
+def test_empty_batches():
+    assert ops.silhouette(torch.zeros(0, 4, 4), torch.zeros(0, 2, 4, dtype=torch.int64)).shape == (0, 2)
+    assert ops.silhouette(torch.zeros(2, 4, 4), torch.zeros(2, 0, 4, dtype=torch.int64)).shape == (2, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear exception naming the argument, from the wrapper and from the kernel itself.
+
+def test_wrapper_rejects_bad_input():
+    d = torch.rand(2, 4, 4)
+    labels = torch.zeros(2, 3, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        ops.silhouette(d, torch.full((2, 3, 4), 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="labels must lie in"):
+        ops.silhouette(d, torch.full((2, 3, 4), -1, dtype=torch.int64))
+    with pytest.raises(TypeError, match="labels must be int64"):
+        ops.silhouette(d, labels.to(torch.int32))
+    with pytest.raises(TypeError, match="d must be a floating-point"):
+        ops.silhouette(d.to(torch.int64), labels)
+    with pytest.raises(ValueError, match=r"d must be \[L, N, N\]"):
+        ops.silhouette(torch.rand(2, 4, 5), labels)
+    with pytest.raises(ValueError, match="labels must be"):
+        ops.silhouette(d, torch.zeros(3, 3, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="labels must have one entry per client"):
+        ops.silhouette(d, torch.zeros(2, 3, 5, dtype=torch.int64))
+    bad = d.clone()
+    bad[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"d has a NaN or Inf entry at layer 1, \[2, 3\]"):
+        ops.silhouette(bad, labels)
+
+
+@pytest.mark.skipif(not ops.native_available(), reason="the native core is not loaded")
+def test_kernel_rejects_bad_input():
+    """Called through torch.ops directly (no wrapper), the kernel refuses instead of reading out of bounds."""
+    kernel = torch.ops.fedtreelora.silhouette
+    d = torch.rand(2, 4, 4)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, N\) with N=4, found 9 at \[1, 0, 2\]"):
+        kernel(d, torch.tensor([[[0, 1, 0, 1]], [[0, 1, 9, 1]]]))
+    with pytest.raises(ValueError, match="labels must be"):
+        kernel(d, torch.zeros(2, 1, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="d must be"):
+        kernel(torch.rand(4, 4), torch.zeros(1, 1, 4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="labels must be int64"):
+        kernel(d, torch.zeros(2, 1, 4, dtype=torch.int32))
