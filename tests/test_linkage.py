@@ -177,3 +177,11 @@ def test_bad_method_and_shape_raise():
         torch.ops.fedtreelora.linkage(torch.zeros(4, dtype=torch.float64), "average")
     with pytest.raises(TypeError, match="float64"):
         torch.ops.fedtreelora.linkage(d.float(), "average")
+
+
+@pytest.mark.parametrize("method", ["ward", "average"])
+def test_overflowing_distances_raise_instead_of_returning_nan(method):
+    # Finite input whose updates overflow (ward squares 1e300; average sums sizes * 1e308).
+    d = torch.from_numpy(points_distances(1, 30, 3)) * (1e300 if method == "ward" else 1.7e308 / 10)
+    with pytest.raises(ValueError, match="overflow"):
+        ops.linkage(d, method)

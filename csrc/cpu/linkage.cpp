@@ -204,9 +204,10 @@ std::vector<Merge> nn_chain(Condensed& c, int64_t n) {
           y = ids[p];
         }
       }
-      // Only reachable when every distance from x is NaN (ward on a far from euclidean d).
-      TORCH_CHECK_VALUE(y >= 0, "linkage: the method produced NaN distances (cluster of point ", x,
-                        "); ward linkage needs euclidean-like distances");
+      // Only reachable when every distance from x is NaN: ward squares distances, and above ~1e154
+      // the squares overflow (inf - inf). Mutual nearest neighbours keep ward's sqrt argument >= 0.
+      TORCH_CHECK_VALUE(y >= 0, "linkage: the distances overflowed to NaN in the Lance-Williams updates (cluster of point ",
+                        x, "); scale d down");
       if (chain.size() > 1 && y == chain[chain.size() - 2]) break;
       chain.push_back(y);
     }
