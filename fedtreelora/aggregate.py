@@ -8,8 +8,6 @@ and before `safetensors.torch.save_file`, which refuses shared storage).
 """
 from __future__ import annotations
 
-import sys
-import types
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -247,14 +245,3 @@ def _trimmed(values: torch.Tensor, weights: torch.Tensor, ratio: float) -> torch
     lower = upper - weights
     kept = (torch.minimum(upper, (1 - ratio) * total) - torch.maximum(lower, ratio * total)).clamp_min(0)
     return (kept * values).sum(0) / kept.sum(0)
-
-
-class _CallableModule(types.ModuleType):
-    """Importing the submodule `fedtreelora.aggregate` makes the package attribute `aggregate` this
-    module, shadowing the lazily exported function; calling the module calls the function."""
-
-    def __call__(self, *args, **kwargs):
-        return aggregate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
