@@ -68,7 +68,7 @@ class ExpertMixer(nn.Module):
         return torch.sigmoid(self.logits[group])
 
     def lams(self) -> dict[str, float]:
-        return {g: float(self.lam(g)) for g in self.logits}
+        return {g: self.lam(g).item() for g in self.logits}
 
     def _cluster_hook(self, name):
         def hook(_module, _inputs, output):
