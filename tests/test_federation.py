@@ -107,3 +107,26 @@ def test_tree_recovers_planted_groups_from_real_training(model_path, tmp_path):
     # every cluster of the deepest cut lies inside one planted group
     for c in set(deepest.tolist()):
         assert len(set(groups[deepest == c].tolist())) == 1
+
+
+def test_simulate_command_settings_and_help(tmp_path, capsys):
+    import argparse
+
+    from fedtreelora.commands import simulate
+    from fedtreelora.config import ExperimentConfig
+    parser = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter)
+    simulate.add_arguments(parser)
+    for name, _, _ in ExperimentConfig.fields_help():
+        assert f"  {name} " in parser.epilog
+    for name in METHODS:
+        assert f"  {name} " in parser.epilog
+    (tmp_path / "c.yaml").write_text("rounds: 7\nlr: 0.001\ntarget_modules: [query]\n")
+    args = parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--set", "lr=0.01", "--seed", "3"])
+    cfg = simulate.build_config(args)
+    assert (cfg.rounds, cfg.lr, cfg.target_modules, cfg.seed) == (7, 0.01, ["query"], 3)
+    assert cfg.num_clients == ExperimentConfig().num_clients
+    (tmp_path / "c.json").write_text(json.dumps({"round": 3}))
+    assert simulate.run(parser.parse_args(["--config", str(tmp_path / "c.json")])) == 2
+    assert "unknown config key(s) ['round']" in capsys.readouterr().err
+    assert simulate.run(parser.parse_args(["--set", "num_groups=20"])) == 2
+    assert "num_groups (20) exceeds num_clients (8)" in capsys.readouterr().err
