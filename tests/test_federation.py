@@ -58,7 +58,7 @@ def test_fedtreelora_two_warmup_two_rounds_writes_tree(model_path, tmp_path):
 
 def test_resume_after_a_kill_ends_with_the_same_metrics(model_path, tmp_path, monkeypatch):
     cfg = tiny_config(model_path, client_fraction=0.5, rounds=3)
-    methods = ["fedalt", "fedsa"]
+    methods = ["fedtreelora", "fedalt"]
     full = run_experiment(cfg, methods, tmp_path / "full", dataset=tiny_dataset(), progress=False)
 
     calls = {"n": 0}
@@ -66,7 +66,7 @@ def test_resume_after_a_kill_ends_with_the_same_metrics(model_path, tmp_path, mo
 
     def dying_train(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4 * 2 + 2 * 2 + 1:      # warm-up (8 runs), 2 fedalt rounds (2 clients each), then die
+        if calls["n"] == 4 * 2 + 3 * 2 + 2 * 2 + 1:   # warm-up (8 runs), fedtreelora (3 x 2), 2 fedalt rounds, die
             raise KeyboardInterrupt("killed")
         return original(self, *args, **kwargs)
 
@@ -76,6 +76,7 @@ def test_resume_after_a_kill_ends_with_the_same_metrics(model_path, tmp_path, mo
     monkeypatch.setattr(federation.LocalTrainer, "train", original)
     info, _ = load_checkpoint(tmp_path / "killed" / "checkpoints" / "fedalt")
     assert info["round"] == 2
+    assert json.loads((tmp_path / "killed" / "checkpoints" / "fedalt" / "method.json").read_text())["labels"]
     resumed = run_experiment(cfg, methods, tmp_path / "killed", dataset=tiny_dataset(), progress=False, resume=True)
     for name in methods:
         a, b = full["methods"][name], resumed["methods"][name]
