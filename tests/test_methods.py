@@ -1,0 +1,162 @@
+"""The methods' server rules on synthetic PEFT state dicts, against float64 means written out by hand."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fedtreelora.config import ExperimentConfig
+from fedtreelora.experts import group_experts, layer_keys
+from fedtreelora.methods import METHODS, make_method
+
+PREFIX = "base_model.model.bert.encoder.layer"
+
+
+def fake_states(n, n_layers=3, groups=None, seed=0, spread=1.0):
+    """PEFT-style LoRA state dicts (q, v per layer + head); B factors drawn around a centre per group."""
+    g = torch.Generator().manual_seed(seed)
+    groups = np.zeros(n, dtype=int) if groups is None else np.asarray(groups)
+    centres = {int(c): torch.randn(n_layers, 2, 6, 2, generator=g) * 3 for c in set(groups.tolist())}
+    states = []
+    for k in range(n):
+        s = {}
+        for l in range(n_layers):
+            for j, m in enumerate(("query", "value")):
+                s[f"{PREFIX}.{l}.attention.self.{m}.lora_A.weight"] = torch.randn(2, 6, generator=g)
+                s[f"{PREFIX}.{l}.attention.self.{m}.lora_B.weight"] = (centres[int(groups[k])][l, j]
+                                                                         + spread * 0.1 * torch.randn(6, 2, generator=g))
+        s["base_model.model.classifier.weight"] = torch.randn(3, 6, generator=g)
+        s["base_model.model.classifier.bias"] = torch.randn(3, generator=g)
+        states.append(s)
+    return states
+
+
+def wmean(states, members, key, w):
+    members = list(members)
+    if not members:
+        return None
+    ws = torch.tensor([w[i] for i in members], dtype=torch.float64)
+    return sum(ws[j] * states[i][key].double() for j, i in enumerate(members)) / ws.sum()
+
+
+def check_against_hand(states, experts, key_labels, w, mixing):
+    """key_labels(key) -> labels [N] of the partition that key follows."""
+    n = len(states)
+    for k, (cluster, external) in enumerate(experts):
+        assert set(cluster) == set(states[k])
+        for key in states[k]:
+            lab = key_labels(key)
+            same = [i for i in range(n) if lab[i] == lab[k]]
+            other = [i for i in range(n) if lab[i] != lab[k]]
+            torch.testing.assert_close(cluster[key].double(), wmean(states, same, key, w), rtol=1e-5, atol=1e-5)
+            if mixing and external is not None:
+                want = wmean(states, other, key, w)
+                want = torch.zeros_like(states[k][key].double()) if want is None else want
+                torch.testing.assert_close(external[key].double(), want, rtol=1e-5, atol=1e-5)
+        if not mixing:
+            assert external is None
+
+
+def layer_of(key):
+    return int(key.split("layer.")[1].split(".")[0]) if "lora_" in key else None
+
+
+CFG = ExperimentConfig(fixed_clusters=2)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 6), seed=st.integers(0, 10_000))
+def test_group_experts_equals_hand_means(n, seed):
+    rng = np.random.default_rng(seed)
+    states = fake_states(n, seed=seed)
+    layers, head = layer_keys(states[0])
+    labels = rng.integers(0, 3, (len(layers) + 1, n))
+    w = rng.uniform(1, 5, n)
+    experts = group_experts(states, layers + [head], labels, w)
+    segment_of = {k: i for i, seg in enumerate(layers + [head]) for k in seg}
+    check_against_hand(states, experts, lambda key: labels[segment_of[key]], w, mixing=True)
+    for k, (_, external) in enumerate(experts):
+        everyone = all((labels[s] == labels[s, k]).all() for s in range(len(labels)))
+        assert (external is None) == everyone
+
+
+def test_inputs_are_not_modified_and_dtypes_kept():
+    states = fake_states(4, seed=1)
+    states[0] = {k: v.half() for k, v in states[0].items()}
+    before = [{k: v.clone() for k, v in s.items()} for s in states]
+    layers, head = layer_keys(states[1])
+    out = group_experts(states, layers + [head], np.zeros((len(layers) + 1, 4)), np.ones(4))
+    for s, b in zip(states, before):
+        assert all(torch.equal(s[k], b[k]) for k in s)
+    assert all(v.dtype == torch.float16 for v in out[0][0].values())
+
+
+@pytest.mark.parametrize("name", ["local", "fedit", "fedsa", "fedalt", "oracle-groups"])
+def test_fixed_rule_methods(name):
+    n, groups = 5, np.array([0, 0, 1, 1, 1])
+    states = fake_states(n, groups=groups, seed=2)
+    w = np.array([1.0, 2.0, 3.0, 1.0, 5.0])
+    method = make_method(name)
+    method.setup(states, w, CFG, groups)
+    experts = method.aggregate(states, w)
+    own, everyone = np.arange(n), np.zeros(n, dtype=int)
+    rule = {
+        "local": lambda key: own,
+        "fedit": lambda key: everyone,
+        "fedsa": lambda key: everyone if "lora_A" in key else own,
+        "fedalt": lambda key: own,
+        "oracle-groups": lambda key: groups,
+    }[name]
+    check_against_hand(states, experts, rule, w, mixing=(name == "fedalt"))
+    if name == "fedalt":
+        assert all(e is not None for _, e in experts)
+
+
+@pytest.mark.parametrize("name", ["flat", "ablation-fixed", "ablation-perlayer"])
+def test_clustering_methods_find_planted_groups(name):
+    groups = np.array([0, 1, 0, 1, 0, 1])
+    states = fake_states(6, groups=groups, seed=3)
+    w = np.ones(6)
+    method = make_method(name)
+    method.setup(states, w, CFG, groups)
+    labels = np.asarray(method.summary()["labels"])
+    for row in labels:
+        # every layer's partition is the planted one (up to renaming)
+        assert len(set(zip(row.tolist(), groups.tolist()))) == 2 and len(set(row.tolist())) == 2
+    experts = method.aggregate(states, w)
+    mixing = name != "flat"
+    check_against_hand(states, experts, lambda key: groups, w, mixing=mixing)
+
+
+def test_perlayer_ablation_clusters_each_layer_on_its_own():
+    # layer 0: no structure (tau wins -> one cluster); layers 1-2 planted groups
+    groups = np.array([0, 0, 0, 1, 1, 1])
+    states = fake_states(6, groups=groups, seed=4)
+    base = fake_states(1, seed=9)[0]
+    for s in states:
+        for key in s:
+            if layer_of(key) == 0 and "lora_B" in key:
+                s[key] = base[key] + 1e-3 * torch.randn(s[key].shape)
+    method = make_method("ablation-perlayer")
+    method.setup(states, np.ones(6), CFG, groups)
+    assert method.summary()["n_clusters"] == [1, 2, 2]
+
+
+def test_tree_method_matches_group_means_of_its_own_tree():
+    groups = np.array([0, 0, 0, 1, 1, 1])
+    states = fake_states(6, groups=groups, seed=5)
+    w = np.array([1.0, 2.0, 1.0, 3.0, 1.0, 2.0])
+    method = make_method("fedtreelora")
+    method.setup(states, w, CFG, groups)
+    labels = np.asarray(method.summary()["labels"])
+    assert labels.shape == (3, 6)
+    assert labels[-1].tolist() in ([0, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0])   # deep layer: the planted groups
+    experts = method.aggregate(states, w)
+    deepest = labels[-1]
+    check_against_hand(states, experts, lambda key: labels[layer_of(key)] if layer_of(key) is not None else deepest,
+                       w, mixing=True)
+
+
+def test_unknown_method_is_named():
+    with pytest.raises(ValueError, match="unknown method 'fedavg'"):
+        make_method("fedavg")
+    assert {"fedtreelora", "local", "fedit", "fedsa", "flat", "fedalt", "ablation-fixed", "ablation-perlayer"} <= set(METHODS)
