@@ -33,7 +33,7 @@ from tiny_models import save_tiny_bert, tiny_config, tiny_dataset  # noqa: E402
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 APP = ROOT / "examples" / "flower_app"
-METHOD = "fedtreelora"
+METHOD = os.environ.get("FLOWER_TEST_METHOD", "fedtreelora")
 BIN = Path(sys.executable).parent
 
 
@@ -154,7 +154,7 @@ def test_simulation_engine_matches_in_process_run(tiny_model, tmp_path, child_en
     assert len(b["history"]) == len(a["history"]) == cfg.warmup_rounds + cfg.rounds
     for ha, hb in zip(a["history"], b["history"]):                     # every round, not just the last
         assert hb["round"] == ha["round"] and hb["phase"] == ha["phase"]
-        np.testing.assert_allclose(hb["loss"], ha["loss"], rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(hb["loss"], ha["loss"], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(hb["accuracy"], ha["accuracy"], atol=0.026)   # at most one test document
     assert b["mean_accuracy"] == pytest.approx(a["mean_accuracy"], abs=0.01)
     for k, lams in a["lam"].items():
