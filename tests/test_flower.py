@@ -276,7 +276,7 @@ def test_deployment_superlink_and_two_supernodes(tiny_model, tmp_path, child_env
     overrides = (f"model='{tiny_model}' dataset='unused' dataset-fn='test_flower:tiny_data' num-clients=2 num-groups=1 "
                  f"samples-per-client=40 max-length=12 lora-r=2 lora-alpha=4.0 target-modules='query,value' "
                  f"local-steps=2 batch-size=8 lr=0.01 warmup-rounds=1 rounds=1 round-timeout=240 "
-                 f"run-dir='{run_dir}'")
+                 f"method='{METHOD}' run-dir='{run_dir}'")
     try:
         start("superlink", "flower-superlink", "--insecure", "--port", str(link_port),
               "--disable-runtime-dependency-installation")
@@ -292,6 +292,7 @@ def test_deployment_superlink_and_two_supernodes(tiny_model, tmp_path, child_env
                 break
             time.sleep(2)
         assert run is not None and "Successfully started run" in run.stdout, run.stdout + run.stderr
+        assert (run_dir / "metrics.json").is_file(), "the run did not finish:\n" + run.stdout[-6000:] + run.stderr
         summary = json.loads((run_dir / "metrics.json").read_text())
         history = summary["methods"][METHOD]["history"]
         assert [h["phase"] for h in history] == ["warmup", METHOD]
