@@ -37,8 +37,12 @@ def save_tiny_bert(folder: str | Path, hidden: int = 32, layers: int = 2, seed: 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = SPECIAL + [w for t in TOPICS for w in topic_words(t)] + NOISE
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)   # transformers >= 5
+    if len(tokenizer) != len(vocab):
+        (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)     # transformers 4
+    assert len(tokenizer) == len(vocab), "the tiny tokenizer did not take its vocabulary"
+    tokenizer.save_pretrained(folder)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
                         intermediate_size=2 * hidden, max_position_embeddings=64, hidden_dropout_prob=0.0,
@@ -62,3 +66,25 @@ def tiny_config(model_path: str, **changes):
                 batch_size=8, lr=1e-2, warmup_rounds=2, rounds=2, fixed_clusters=2, seed=0, num_threads=1)
     base.update(changes)
     return ExperimentConfig.from_dict(base)
+
+
+def pretrain_tiny_bert(folder: str | Path, dataset: TextDataset, steps: int = 60, seed: int = 0) -> str:
+    """Give the tiny BERT a 'pre-trained' encoder (full training on the unpermuted task) so that, like
+    MiniLM, its features carry the topics and LoRA fine-tuning has something to adapt."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+    tok = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification.from_pretrained(folder, num_labels=dataset.num_labels)
+    enc = tok(dataset.texts, padding=True, return_tensors="pt")
+    labels = torch.as_tensor(dataset.labels)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(labels), (32,), generator=g)
+        loss = model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx], labels=labels[idx]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.bert.save_pretrained(folder)
+    return str(folder)

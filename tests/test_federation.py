@@ -1,0 +1,132 @@
+"""The in-process federation: every method end to end on a tiny model, checkpoints, --resume, the tree."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedtreelora import federation
+from fedtreelora.federation import Federation, load_checkpoint, run_experiment
+from fedtreelora.methods import DEFAULT_METHODS, METHODS
+from tiny_models import save_tiny_bert, tiny_config, tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    torch.set_num_threads(1)
+    return save_tiny_bert(tmp_path_factory.mktemp("bert"))
+
+
+BASELINES = [m for m in METHODS if m != "fedtreelora"]
+
+
+def _check_run(run, summary, methods, cfg):
+    assert list(summary["methods"]) == methods
+    for name in methods:
+        r = summary["methods"][name]
+        assert len(r["history"]) == cfg.warmup_rounds + cfg.rounds
+        assert r["rounds"] == cfg.warmup_rounds + cfg.rounds
+        assert len(r["accuracy"]) == cfg.num_clients and 0.0 <= r["mean_accuracy"] <= 1.0
+        assert r["history"][: cfg.warmup_rounds] == summary["methods"][methods[0]]["history"][: cfg.warmup_rounds]
+        info, states = load_checkpoint(run / "checkpoints" / name)
+        assert info["round"] == cfg.rounds and len(states) == cfg.num_clients
+        assert len(list((run / "checkpoints" / name).glob("round_*.safetensors"))) == 1
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["methods"][methods[0]]["mean_accuracy"] == summary["methods"][methods[0]]["mean_accuracy"]
+    assert (run / "accuracy.png").stat().st_size > 1000 and (run / "table.md").is_file()
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_every_baseline_two_warmup_two_rounds(model_path, tmp_path):
+    cfg = tiny_config(model_path)
+    summary = run_experiment(cfg, BASELINES, tmp_path, dataset=tiny_dataset(), progress=False)
+    _check_run(tmp_path, summary, BASELINES, cfg)
+    methods = summary["methods"]
+    assert methods["local"]["lam"] == {} and set(methods["fedalt"]["lam"]) == {"0", "1", "2", "3"}
+    assert methods["flat"]["method_state"]["n_clusters"] == [len(set(methods["flat"]["method_state"]["labels"][0]))] * 2
+
+
+def test_fedtreelora_two_warmup_two_rounds_writes_tree(model_path, tmp_path):
+    cfg = tiny_config(model_path)
+    summary = run_experiment(cfg, ["fedtreelora", "local"], tmp_path, dataset=tiny_dataset(), progress=False)
+    _check_run(tmp_path, summary, ["fedtreelora", "local"], cfg)
+    tree = json.loads((tmp_path / "tree.json").read_text())
+    assert tree and (tmp_path / "tree.png").stat().st_size > 1000
+    n_clusters = summary["methods"]["fedtreelora"]["method_state"]["n_clusters"]
+    assert len(n_clusters) == 2 and n_clusters == sorted(n_clusters)      # never fewer clusters deeper
+
+
+def test_resume_after_a_kill_ends_with_the_same_metrics(model_path, tmp_path, monkeypatch):
+    cfg = tiny_config(model_path, client_fraction=0.5, rounds=3)
+    methods = ["fedalt", "fedsa"]
+    full = run_experiment(cfg, methods, tmp_path / "full", dataset=tiny_dataset(), progress=False)
+
+    calls = {"n": 0}
+    original = federation.LocalTrainer.train
+
+    def dying_train(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4 * 2 + 2 * 2 + 1:      # warm-up (8 runs), 2 fedalt rounds (2 clients each), then die
+            raise KeyboardInterrupt("killed")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(federation.LocalTrainer, "train", dying_train)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, methods, tmp_path / "killed", dataset=tiny_dataset(), progress=False)
+    monkeypatch.setattr(federation.LocalTrainer, "train", original)
+    info, _ = load_checkpoint(tmp_path / "killed" / "checkpoints" / "fedalt")
+    assert info["round"] == 2
+    resumed = run_experiment(cfg, methods, tmp_path / "killed", dataset=tiny_dataset(), progress=False, resume=True)
+    for name in methods:
+        a, b = full["methods"][name], resumed["methods"][name]
+        assert a["accuracy"] == b["accuracy"] and a["lam"] == b["lam"]
+        assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+        assert [h["selected"] for h in a["history"][cfg.warmup_rounds:]] == [h["selected"] for h in b["history"][cfg.warmup_rounds:]]
+        assert all(len(h["selected"]) == 2 for h in a["history"][cfg.warmup_rounds:])
+
+
+def test_run_folder_with_other_config_is_refused(model_path, tmp_path):
+    cfg = tiny_config(model_path, warmup_rounds=1, rounds=0)
+    run_experiment(cfg, ["local"], tmp_path, dataset=tiny_dataset(), progress=False)
+    with pytest.raises(ValueError, match="differs in \\['lr'\\]"):
+        run_experiment(cfg.replace(lr=0.5), ["local"], tmp_path, dataset=tiny_dataset(), progress=False)
+    with pytest.raises(ValueError, match="unknown method"):
+        run_experiment(cfg, ["nope"], tmp_path, dataset=tiny_dataset(), progress=False)
+
+
+@pytest.mark.slow
+def test_tree_recovers_planted_groups_from_real_training(model_path, tmp_path):
+    import fedtreelora as ftl
+    cfg = tiny_config(model_path, num_clients=6, samples_per_client=80, local_steps=8, lr=3e-2, warmup_rounds=3)
+    fed = Federation(cfg, tmp_path, dataset=tiny_dataset(600), progress=False)
+    warm, _ = fed.warmup()
+    tree = ftl.build_tree([s.adapter for s in warm], config=ftl.TreeConfig())
+    deepest = np.asarray(tree.labels)[-1]
+    groups = fed.groups
+    assert len(set(deepest.tolist())) >= 2
+    # every cluster of the deepest cut lies inside one planted group
+    for c in set(deepest.tolist()):
+        assert len(set(groups[deepest == c].tolist())) == 1
+
+
+def test_simulate_command_settings_and_help(tmp_path, capsys):
+    import argparse
+
+    from fedtreelora.commands import simulate
+    from fedtreelora.config import ExperimentConfig
+    parser = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter)
+    simulate.add_arguments(parser)
+    for name, _, _ in ExperimentConfig.fields_help():
+        assert f"  {name} " in parser.epilog
+    for name in METHODS:
+        assert f"  {name} " in parser.epilog
+    (tmp_path / "c.yaml").write_text("rounds: 7\nlr: 0.001\ntarget_modules: [query]\n")
+    args = parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--set", "lr=0.01", "--seed", "3"])
+    cfg = simulate.build_config(args)
+    assert (cfg.rounds, cfg.lr, cfg.target_modules, cfg.seed) == (7, 0.01, ["query"], 3)
+    assert cfg.num_clients == ExperimentConfig().num_clients
+    (tmp_path / "c.json").write_text(json.dumps({"round": 3}))
+    assert simulate.run(parser.parse_args(["--config", str(tmp_path / "c.json")])) == 2
+    assert "unknown config key(s) ['round']" in capsys.readouterr().err
+    assert simulate.run(parser.parse_args(["--set", "num_groups=20"])) == 2
+    assert "num_groups (20) exceeds num_clients (8)" in capsys.readouterr().err
