@@ -28,7 +28,7 @@ from fedtreelora.flower.messages import (client_reply_content, read_client_reply
                                          server_content)
 from fedtreelora.flower.runtime import partition_id, resolve_dataset_fn  # noqa: E402
 from fedtreelora.flower.server_app import config_from_run_config  # noqa: E402
-from tiny_models import save_tiny_bert, tiny_config, tiny_dataset  # noqa: E402
+from tiny_models import pretrain_tiny_bert, save_tiny_bert, tiny_config, tiny_dataset  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -44,7 +44,8 @@ def tiny_data(config):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+    """The tiny BERT with a 'pre-trained' encoder, so that accuracies move from round to round."""
+    return pretrain_tiny_bert(save_tiny_bert(tmp_path_factory.mktemp("tiny_bert")), tiny_dataset())
 
 
 @pytest.fixture
