@@ -126,6 +126,67 @@ def test_unknown_method_fails_before_any_node_is_contacted():
         PersonalisedStrategy(ExperimentConfig(), method="fedtreelorra")
 
 
+class DirectGrid:
+    """The part of Flower's Grid the strategy uses, calling a ClientApp in this process (no Ray, no
+    network): fast enough for every test run. Nodes listed in `silent` never reply in federated rounds."""
+
+    def __init__(self, app, num_nodes: int, silent=()):
+        from flwr.app import Context, RecordDict
+        self.app, self.silent = app, set(silent)
+        self.contexts = {100 + k: Context(run_id=1, node_id=100 + k, node_config={"partition-id": k, "num-partitions": num_nodes},
+                                          state=RecordDict(), run_config={}) for k in range(num_nodes)}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            phase = str(message.content.config_records["config"]["phase"])
+            if node - 100 in self.silent and phase not in ("warmup", "query"):
+                continue                                     # dropped out: no reply at all
+            replies.append(self.app(message, self.contexts[node]))
+        return replies
+
+
+@pytest.fixture(scope="module")
+def plain_tiny_model(tmp_path_factory):
+    return save_tiny_bert(tmp_path_factory.mktemp("plain_bert"))
+
+
+def test_dropped_client_is_logged_and_keeps_its_upload(plain_tiny_model, tmp_path, monkeypatch):
+    """A client that stops answering (no reply before the round timeout) after warm-up: every round
+    still runs, aggregates the others and keeps its warm-up upload; it has no accuracy while silent."""
+    from fedtreelora.federation import load_checkpoint
+    from fedtreelora.flower.client_app import client_app
+    from fedtreelora.flower.strategy import PersonalisedStrategy, logger
+    from flwr.supercore.task_identity import TaskIdentity
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):   # what a ServerApp process has set
+        monkeypatch.setattr(TaskIdentity, name, value)
+    cfg = tiny_config(plain_tiny_model, dataset="tiny", warmup_rounds=1, rounds=2, local_steps=2)
+    records = _Records()
+    logger.addHandler(records)
+    try:
+        strategy = PersonalisedStrategy(cfg, METHOD, tmp_path, round_timeout=1.0)
+        summary = strategy.start(DirectGrid(client_app(dataset_fn=tiny_data), cfg.num_clients, silent={2}))
+    finally:
+        logger.removeHandler(records)
+    history = summary["methods"][METHOD]["history"]
+    assert [h["phase"] for h in history] == ["warmup", METHOD, METHOD]
+    for h in history[1:]:
+        assert h["failed"] == {"train": [2], "evaluate": [2]}
+        assert h["accuracy"][2] is None and all(h["accuracy"][k] is not None for k in (0, 1, 3))
+        assert h["mean_accuracy"] == pytest.approx(np.mean([h["accuracy"][k] for k in (0, 1, 3)]))
+    assert [(f["client"], f["kind"]) for f in summary["failures"]] == [(2, "train"), (2, "evaluate")] * 2
+    assert sum("client 2 " in m and "no reply within 1.0 s" in m for m in records.messages) == 4
+    _, warm = load_checkpoint(tmp_path / "checkpoints" / "warmup")
+    _, last = load_checkpoint(tmp_path / "checkpoints" / METHOD)
+    for k in range(cfg.num_clients):
+        same = all(torch.equal(warm[k].adapter[key], last[k].adapter[key]) for key in warm[k].adapter)
+        assert same == (k == 2), f"client {k}"
+
+
 # -- slow: real federations through Flower ---------------------------------------------------------
 def _simulate(config, run_dir, mods=None, num_supernodes=4):
     from flwr.simulation import run_simulation
