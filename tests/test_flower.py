@@ -20,7 +20,6 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flwr.app import Message  # noqa: E402
 
 from fedtreelora.client import ClientState  # noqa: E402
 from fedtreelora.config import ExperimentConfig  # noqa: E402
