@@ -1,0 +1,277 @@
+"""PEFT LoRA state dicts <-> packed client rows.
+
+A client's adapter (keys as `peft.get_peft_model_state_dict` returns them) becomes one row of
+x [N, P]; the columns are grouped into segments, one per transformer layer (shallow to deep), and
+one last segment for the trainable tensors outside the layers (a classification head saved through
+`modules_to_save`), when there are any. `layer_offsets` [S+1] delimits the segments.
+
+Parsing follows PEFT's own rule for `layers_to_transform`: the layer of a key is the first numbered
+path segment (`...encoder.layer.3.attention...` -> layer 3 of the stack `...encoder.layer`).
+A numbered group counts as a transformer layer only if it holds LoRA factors; stacks are ordered by
+first appearance in the state dict (an encoder before its decoder), layers by index within a stack.
+Inside a layer the B factors (`lora_B`, `lora_embedding_B`) come first, so the distance columns of
+a layer are a contiguous prefix of its segment.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["AdapterLayout", "parse_layout", "normalise_clients", "pack", "unpack_row",
+           "is_b_factor", "first_nonfinite", "segment_norms"]
+
+_FIRST_INDEX = re.compile(r"^(?P<stack>.*?\.[^.]*)\.(?P<idx>\d+)\.")
+_B_FACTOR = re.compile(r"\.lora_(?:embedding_)?B(?:\.|$)")
+_LORA = re.compile(r"\.lora_(?:embedding_)?[AB](?:\.|$)")
+
+
+def is_b_factor(key: str) -> bool:
+    """True for a LoRA B factor key (`...lora_B.weight`, `...lora_embedding_B`)."""
+    return _B_FACTOR.search(key) is not None
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """Where every key of a client state dict lives in a packed row.
+
+    keys: all keys in packing order; shapes/dtypes: per key; columns: per key (start, stop);
+    layers: transformer layer names shallow->deep (e.g. "base_model.model.bert.encoder.layer.0");
+    layer_offsets: int64 [S+1] with S = len(layers) (+1 when there are non-layer tensors);
+    b_ends: per layer, the end column of its B factors (they start at layer_offsets[l]);
+    head_keys: the keys outside the layers (their segment is the last one).
+    """
+
+    keys: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    dtypes: tuple[torch.dtype, ...]
+    columns: tuple[tuple[int, int], ...]
+    layers: tuple[str, ...]
+    layer_offsets: torch.Tensor
+    b_ends: tuple[int, ...]
+    head_keys: tuple[str, ...]
+    dtype: torch.dtype  # packing dtype: the common (promoted) dtype of all keys
+    input_keys: tuple[str, ...] = ()  # the keys in the clients' own order (results keep it)
+
+    @property
+    def n_params(self) -> int:
+        return int(self.layer_offsets[-1])
+
+    @property
+    def has_head(self) -> bool:
+        return bool(self.head_keys)
+
+    def segment_of(self, column: int) -> int:
+        return int(torch.searchsorted(self.layer_offsets, torch.tensor([column]), right=True)[0]) - 1
+
+    def specs(self) -> list[tuple[str, torch.Size, torch.dtype, int, int, int]]:
+        """(key, shape, dtype, start, stop, segment) per key, in the clients' own key order."""
+        by_key = {key: (shape, dtype, lo, hi) for key, shape, dtype, (lo, hi)
+                  in zip(self.keys, self.shapes, self.dtypes, self.columns)}
+        seg = torch.searchsorted(self.layer_offsets, torch.tensor([lo for lo, _ in self.columns]), right=True) - 1
+        segment = dict(zip(self.keys, seg.tolist()))
+        return [(key, *by_key[key], segment[key]) for key in (self.input_keys or self.keys)]
+
+    def key_at(self, column: int) -> str:
+        for key, (lo, hi) in zip(self.keys, self.columns):
+            if lo <= column < hi:
+                return key
+        raise IndexError(column)
+
+    def b_layout(self) -> "AdapterLayout":
+        """The layout of the B factors alone (the distance columns), layer by layer, no head."""
+        starts = self.layer_offsets.tolist()
+        offsets = [0]
+        for l, end in enumerate(self.b_ends):
+            offsets.append(offsets[-1] + end - starts[l])
+        keys, shapes, dtypes, columns = [], [], [], []
+        for l, end in enumerate(self.b_ends):
+            for key, shape, dtype, (lo, hi) in zip(self.keys, self.shapes, self.dtypes, self.columns):
+                if starts[l] <= lo and hi <= end:
+                    keys.append(key), shapes.append(shape), dtypes.append(dtype)
+                    columns.append((offsets[l] + lo - starts[l], offsets[l] + hi - starts[l]))
+        common = dtypes[0]
+        for dt in dtypes[1:]:
+            common = torch.promote_types(common, dt)
+        return AdapterLayout(keys=tuple(keys), shapes=tuple(shapes), dtypes=tuple(dtypes), columns=tuple(columns),
+                             layers=self.layers, layer_offsets=torch.tensor(offsets, dtype=torch.int64),
+                             b_ends=tuple(offsets[1:]), head_keys=(), dtype=common, input_keys=tuple(keys))
+
+
+def normalise_clients(client_states) -> tuple[list[Mapping[str, torch.Tensor]], list[str] | None]:
+    """A list of state dicts, and the client names when the input was a mapping name -> state dict."""
+    if isinstance(client_states, Mapping):
+        if client_states and all(isinstance(v, torch.Tensor) for v in client_states.values()):
+            raise TypeError("client_states must hold one state dict per client (a list or a dict of "
+                            "client name -> state dict), got a single state dict")
+        names = [str(name) for name in client_states]
+        states = list(client_states.values())
+    elif isinstance(client_states, Sequence) and not isinstance(client_states, (str, bytes)):
+        names, states = None, list(client_states)
+    else:
+        raise TypeError(f"client_states must be a list of state dicts or a dict of client name -> state dict, "
+                        f"got {type(client_states).__name__}")
+    if not states:
+        raise ValueError("client_states is empty: need at least one client")
+    for k, s in enumerate(states):
+        if not isinstance(s, Mapping):
+            raise TypeError(f"client {_who(k, names)}: state dict must be a mapping of key -> tensor, got {type(s).__name__}")
+        if not s:
+            raise ValueError(f"client {_who(k, names)}: state dict is empty")
+        for key, t in s.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"client {_who(k, names)}, key {key!r}: expected a tensor, got {type(t).__name__}")
+    return states, names
+
+
+def _who(k: int, names: list[str] | None) -> str:
+    return f"{k} ({names[k]!r})" if names else str(k)
+
+
+def _check_agreement(states: list[Mapping[str, torch.Tensor]], names: list[str] | None) -> None:
+    """Every client must hold the same keys with the same shapes, dtypes and device as client 0."""
+    ref = states[0]
+    ref_keys = set(ref)
+    device = next(iter(ref.values())).device
+    for key, t in ref.items():
+        if not t.is_floating_point():
+            raise TypeError(f"client {_who(0, names)}, key {key!r}: expected a floating-point tensor, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"client {_who(0, names)}, key {key!r}: on {t.device}, other keys on {device}")
+    for k, s in enumerate(states[1:], start=1):
+        if set(s) != ref_keys:
+            missing = sorted(ref_keys - set(s))
+            extra = sorted(set(s) - ref_keys)
+            what = []
+            if missing:
+                what.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+            if extra:
+                what.append(f"unexpected {extra[:3]}{' ...' if len(extra) > 3 else ''}")
+            raise ValueError(f"client {_who(k, names)}: keys differ from client {_who(0, names)}: {'; '.join(what)}")
+        for key, t0 in ref.items():
+            t = s[key]
+            if t.shape != t0.shape:
+                if _LORA.search(key) and t.dim() == 2 and t0.dim() == 2:
+                    r_dim = 0 if ".lora_A" in key or ".lora_embedding_A" in key else 1
+                    if t.shape[r_dim] != t0.shape[r_dim]:
+                        raise ValueError(f"client {_who(k, names)}, key {key!r}: LoRA rank {t.shape[r_dim]} differs from "
+                                         f"client {_who(0, names)}'s rank {t0.shape[r_dim]} (shapes {tuple(t.shape)} vs {tuple(t0.shape)})")
+                raise ValueError(f"client {_who(k, names)}, key {key!r}: shape {tuple(t.shape)} differs from "
+                                 f"client {_who(0, names)}'s {tuple(t0.shape)}")
+            if t.dtype != t0.dtype:
+                raise TypeError(f"client {_who(k, names)}, key {key!r}: dtype {t.dtype} differs from client {_who(0, names)}'s {t0.dtype}")
+            if t.device != t0.device:
+                raise ValueError(f"client {_who(k, names)}, key {key!r}: on {t.device}, client {_who(0, names)} on {t0.device}")
+
+
+def parse_layout(states: list[Mapping[str, torch.Tensor]], names: list[str] | None = None) -> AdapterLayout:
+    """Check that the clients agree and lay their keys out in segments (see the module docstring)."""
+    _check_agreement(states, names)
+    ref = states[0]
+    stacks: dict[str, int] = {}            # stack prefix -> order of first appearance
+    groups: dict[tuple[int, int], list[str]] = {}
+    others: list[str] = []
+    for key in ref:
+        m = _FIRST_INDEX.match(key)
+        if m is None:
+            others.append(key)
+            continue
+        order = stacks.setdefault(m["stack"], len(stacks))
+        groups.setdefault((order, int(m["idx"])), []).append(key)
+    layer_groups = []
+    for gid in sorted(groups):
+        keys = groups[gid]
+        if any(_LORA.search(k) for k in keys):
+            layer_groups.append(gid)
+        else:  # a numbered group without LoRA factors (e.g. a Sequential head) is not a transformer layer
+            others.extend(keys)
+    if not layer_groups:
+        raise ValueError("no LoRA layers found: expected keys like '...layer.<i>....lora_B.weight' as "
+                         "peft.get_peft_model_state_dict returns them")
+    stack_names = {v: k for k, v in stacks.items()}
+    keys, columns, offsets, b_ends, layers = [], [], [0], [], []
+    col = 0
+    for gid in layer_groups:
+        group = groups[gid]
+        b_keys = [k for k in group if is_b_factor(k)]
+        if not b_keys:
+            raise ValueError(f"layer {stack_names[gid[0]]}.{gid[1]} has LoRA A factors but no B factors")
+        for key in b_keys:
+            keys.append(key)
+            columns.append((col, col + ref[key].numel()))
+            col += ref[key].numel()
+        b_ends.append(col)
+        for key in group:
+            if not is_b_factor(key):
+                keys.append(key)
+                columns.append((col, col + ref[key].numel()))
+                col += ref[key].numel()
+        layers.append(f"{stack_names[gid[0]]}.{gid[1]}")
+        offsets.append(col)
+    head = [k for k in ref if k in set(others)]  # state dict order
+    for key in head:
+        keys.append(key)
+        columns.append((col, col + ref[key].numel()))
+        col += ref[key].numel()
+    if head:
+        offsets.append(col)
+    if any(offsets[i + 1] == offsets[i] for i in range(len(offsets) - 1)):
+        raise ValueError("a segment of the adapter has no parameters (empty tensors only)")
+    dtypes = tuple(ref[k].dtype for k in keys)
+    common = dtypes[0]
+    for dt in dtypes[1:]:
+        common = torch.promote_types(common, dt)
+    return AdapterLayout(keys=tuple(keys), shapes=tuple(ref[k].shape for k in keys), dtypes=dtypes,
+                         columns=tuple(columns), layers=tuple(layers),
+                         layer_offsets=torch.tensor(offsets, dtype=torch.int64), b_ends=tuple(b_ends),
+                         head_keys=tuple(head), dtype=common, input_keys=tuple(ref))
+
+
+def pack(states: list[Mapping[str, torch.Tensor]], layout: AdapterLayout) -> torch.Tensor:
+    """x [N, P] in layout.dtype on the clients' device: row k = client k's tensors, flattened, in layout order.
+
+    One copy per client (torch.cat into the row); the inputs are only read.
+    """
+    device = states[0][layout.keys[0]].device
+    x = torch.empty(len(states), layout.n_params, dtype=layout.dtype, device=device)
+    same_dtype = all(dt == layout.dtype for dt in layout.dtypes)
+    for k, s in enumerate(states):
+        parts = [s[key].reshape(-1) for key in layout.keys]
+        if not same_dtype:
+            parts = [p.to(layout.dtype) for p in parts]
+        torch.cat(parts, out=x[k])
+    return x
+
+
+def unpack_row(row: torch.Tensor, layout: AdapterLayout) -> dict[str, torch.Tensor]:
+    """A state dict of views into `row` [P] (copies only for keys whose dtype differs from the row's)."""
+    out = {}
+    for key, shape, dtype, lo, hi, _ in layout.specs():
+        t = row[lo:hi].view(shape)
+        out[key] = t if t.dtype == dtype else t.to(dtype)
+    return out
+
+
+def first_nonfinite(x: torch.Tensor, layout: AdapterLayout, names: list[str] | None = None) -> str | None:
+    """A message naming the first client and key holding NaN/Inf in x, or None when x is finite."""
+    bad = ~torch.isfinite(x)
+    if not bool(bad.any()):
+        return None
+    rows = bad.any(dim=1).nonzero().flatten().tolist()
+    k = rows[0]
+    col = int(bad[k].nonzero()[0])
+    key = layout.key_at(col)
+    lo = dict(zip(layout.keys, layout.columns))[key][0]
+    shape = dict(zip(layout.keys, layout.shapes))[key]
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(col - lo), shape)) if len(shape) else ()
+    return (f"client {_who(k, names)}, key {key!r}: NaN or Inf at index {index}"
+            f"{f' ({len(rows)} clients affected)' if len(rows) > 1 else ''}")
+
+
+def segment_norms(x: torch.Tensor, layout: AdapterLayout) -> torch.Tensor:
+    """L2 norm of each client's slice of each segment, float64 [N, S]."""
+    lo = layout.layer_offsets.tolist()
+    return torch.stack([x[:, a:b].double().norm(dim=1) for a, b in zip(lo[:-1], lo[1:])], dim=1)
+

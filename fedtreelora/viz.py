@@ -1,0 +1,77 @@
+"""Figures of the client tree: the dendrogram with each layer's cut drawn across it.
+
+Uses matplotlib's Agg canvas directly (no pyplot state, no display needed).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["plot_tree", "cut_heights"]
+
+
+def cut_heights(z: np.ndarray, counts) -> list[float]:
+    """A height at which a horizontal line cuts the dendrogram of z into exactly c clusters, per c.
+
+    Cutting into c clusters undoes the last c - 1 merges (cut_tree semantics), so the line lies
+    between the height of merge N - c (the last one kept) and merge N - c + 1 (the first undone).
+    """
+    heights = np.asarray(z)[:, 2]
+    n = len(heights) + 1
+    top = float(heights.max()) if len(heights) else 1.0
+    out = []
+    for c in counts:
+        below = float(heights[n - c - 1]) if n - c - 1 >= 0 else 0.0
+        above = float(heights[n - c]) if n - c < len(heights) else top * 1.08 + 1e-12
+        out.append(0.5 * (below + above))
+    return out
+
+
+def _layer_ranges(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(first layer, last layer, count) for each run of layers with the same count (1-based layers)."""
+    runs = []
+    for l, c in enumerate(counts, start=1):
+        if runs and runs[-1][2] == c:
+            runs[-1] = (runs[-1][0], l, c)
+        else:
+            runs.append((l, l, c))
+    return runs
+
+
+def plot_tree(tree, path, title: str | None = None):
+    """Save the dendrogram of tree.linkage with one labelled line per distinct layer cut; returns the Figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from scipy.cluster.hierarchy import dendrogram
+
+    z = tree.linkage.detach().cpu().double().numpy()
+    n = tree.n_clients
+    names = list(tree.client_names) if tree.client_names else [str(k) for k in range(n)]
+    counts = [int(c) for c in tree.n_clusters.tolist()]
+    fig = Figure(figsize=(max(6.0, 0.35 * n + 3.0), 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if n < 2:
+        ax.text(0.5, 0.5, f"one client ({names[0]}): nothing to cluster", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+    else:
+        heights = cut_heights(z, [c for _, _, c in _layer_ranges(counts)])
+        deepest = cut_heights(z, [max(counts)])[0]
+        dendrogram(z, ax=ax, labels=names, color_threshold=deepest if max(counts) > 1 else 0.0,
+                   above_threshold_color="0.35", leaf_rotation=90 if n > 12 else 0)
+        colours = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d"]
+        for i, ((first, last, c), y) in enumerate(zip(_layer_ranges(counts), heights)):
+            layers = f"layer {first}" if first == last else f"layers {first}-{last}"
+            colour = colours[i % len(colours)]
+            ax.axhline(y, color=colour, linestyle="--", linewidth=1.2)
+            ax.annotate(f"{layers}: {c} cluster{'s' if c != 1 else ''}", xy=(1.0, y), xycoords=("axes fraction", "data"),
+                        xytext=(-4, 3), textcoords="offset points", ha="right", va="bottom", color=colour, fontsize=9)
+        ax.set_ylim(0, max(heights + [float(z[:, 2].max())]) * 1.15 + 1e-12)
+        ax.set_ylabel(f"{tree.config.metric} distance (mean over layers)")
+        ax.set_xlabel("client")
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    ax.set_title(title or f"FedTreeLoRA client tree ({tree.config.linkage} linkage, {len(counts)} layers, "
+                          f"window {tree.config.window}, tau {tree.config.tau})", fontsize=10)
+    fig.savefig(path, dpi=150)
+    return fig

@@ -1,0 +1,163 @@
+"""build_tree and the layer-wise cut search against a pure scipy/sklearn reference (DESIGN.md 1.2-1.3)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from scipy.cluster.hierarchy import cut_tree, linkage
+from scipy.spatial.distance import squareform
+from sklearn.metrics import adjusted_rand_score, silhouette_score
+
+import fedtreelora as ftl
+from peft_fixtures import planted_states
+
+
+def reference_tree(states, method="average", window=3, tau=0.1):
+    """The whole procedure written from the paper with numpy, scipy and sklearn, in float64."""
+    layers = sorted({k.split(".attention")[0] for k in states[0] if ".lora_" in k},
+                    key=lambda name: int(name.rsplit(".", 1)[1]))
+    n = len(states)
+    per_layer = []
+    for layer in layers:
+        rows = np.stack([np.concatenate([s[k].double().numpy().ravel() for k in s
+                                         if k.startswith(layer + ".") and ".lora_B." in k]) for s in states])
+        per_layer.append(np.sqrt(((rows[:, None] - rows[None]) ** 2).sum(-1)))
+    mean = np.mean(per_layer, axis=0)
+    z = linkage(squareform(mean, checks=False), method=method)
+    counts, prev, scores = [], 1, []
+    for d in per_layer:
+        best, best_score, layer_scores = None, -np.inf, {}
+        for c in range(prev, min(n - 1, prev + window - 1) + 1):
+            score = tau if c == 1 else silhouette_score(d, cut_tree(z, n_clusters=c).ravel(), metric="precomputed")
+            layer_scores[c] = score
+            if score > best_score:  # strict: ties keep the smaller c
+                best, best_score = c, score
+        best = best or 1
+        counts.append(best)
+        scores.append(layer_scores)
+        prev = best
+    labels = cut_tree(z, n_clusters=counts).T if n > 1 else np.zeros((len(layers), 1), dtype=np.int64)
+    return z, np.array(counts), labels, scores
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(3, 12), n_layers=st.integers(1, 5), seed=st.integers(0, 2**31 - 1),
+       method=st.sampled_from(["average", "complete", "single", "weighted", "ward"]),
+       window=st.integers(1, 4), tau=st.floats(-0.2, 0.6), groups=st.integers(1, 4))
+def test_build_tree_agrees_with_scipy_sklearn_reference(n, n_layers, seed, method, window, tau, groups):
+    g = torch.Generator().manual_seed(seed)
+    states = []
+    centres = torch.randn(groups, n_layers, 6, 2, generator=g) * 3
+    for k in range(n):
+        s = {}
+        for l in range(n_layers):
+            base = centres[k % groups, l] * (l / max(n_layers - 1, 1))  # structure grows with depth
+            s[f"m.layer.{l}.attention.q.lora_A.weight"] = torch.randn(2, 6, generator=g)
+            s[f"m.layer.{l}.attention.q.lora_B.weight"] = base + torch.randn(6, 2, generator=g)
+        states.append(s)
+    cfg = ftl.TreeConfig(linkage=method, window=window, tau=tau)
+    tree = ftl.build_tree(states, config=cfg)
+    z, counts, labels, scores = reference_tree(states, method, window, tau)
+    np.testing.assert_allclose(tree.linkage.numpy()[:, 2], z[:, 2], rtol=1e-5, atol=1e-6)
+    if not np.array_equal(tree.linkage.numpy()[:, [0, 1, 3]], z[:, [0, 1, 3]]):
+        pytest.skip("float32 distances reorder a near-tie merge (checked by the linkage tests)")
+    for l in range(n_layers):  # scores agree; a different choice only on a float32 near tie
+        for c, s in scores[l].items():
+            assert tree.scores[l][c] == pytest.approx(s, abs=1e-5)
+        if tree.n_clusters[l] != counts[l]:
+            assert abs(scores[l][int(tree.n_clusters[l])] - scores[l][int(counts[l])]) < 1e-5
+            return
+    assert tree.n_clusters.tolist() == counts.tolist()
+    assert np.array_equal(tree.labels.numpy(), labels)
+    assert bool((tree.n_clusters[1:] >= tree.n_clusters[:-1]).all())
+    assert int(tree.n_clusters.max()) <= n - 1
+
+
+def test_planted_structure_is_recovered_exactly():
+    states, truth = planted_states(n_layers=6, groups=(1, 1, 2, 2, 4, 4), n_clients=8)
+    tree = ftl.build_tree(states)
+    assert tree.n_clusters.tolist() == [1, 1, 2, 2, 4, 4]
+    for l in range(6):
+        assert adjusted_rand_score(truth[l].numpy(), tree.labels[l].numpy()) == 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_no_structure_means_everyone_shares(seed):
+    # i.i.d. noise at a realistic size (d=64, r=4): distances concentrate, every split scores below tau
+    states, _ = planted_states(groups=(1,) * 6, n_clients=10, seed=seed, d=64, r=4)
+    tree = ftl.build_tree(states)
+    assert tree.n_clusters.tolist() == [1] * 6
+    assert bool((tree.labels == 0).all())
+
+
+def test_window_bounds_growth_and_tau_biases_towards_sharing():
+    states, _ = planted_states(groups=(1, 4, 4, 4, 4, 4), n_clients=8)
+    assert ftl.build_tree(states, ftl.TreeConfig(window=2)).n_clusters.tolist() == [1, 2, 3, 4, 4, 4]
+    assert ftl.build_tree(states, ftl.TreeConfig(window=1)).n_clusters.tolist() == [1] * 6
+    assert ftl.build_tree(states, ftl.TreeConfig(tau=1.0)).n_clusters.tolist() == [1] * 6  # silhouette < 1 here
+
+
+def test_ties_go_to_the_smaller_count():
+    # identical clients in two exact groups: silhouette of c=2 is exactly 1.0 = tau -> keep c=1
+    states, _ = planted_states(groups=(2,) * 3, n_layers=3, n_clients=4, noise=0.0)
+    assert ftl.build_tree(states, ftl.TreeConfig(tau=1.0)).n_clusters.tolist() == [1, 1, 1]
+    assert ftl.build_tree(states, ftl.TreeConfig(tau=0.99)).n_clusters.tolist() == [2, 2, 2]
+
+
+def test_small_federations():
+    one, _ = planted_states(n_clients=1)
+    tree = ftl.build_tree(one)
+    assert tree.n_clusters.tolist() == [1] * 6 and tree.linkage.shape == (0, 4) and tree.labels.shape == (6, 1)
+    two, _ = planted_states(n_clients=2, groups=(2,) * 6)
+    tree = ftl.build_tree(two)  # a split would leave singletons only: undefined silhouette, so c <= N - 1 = 1
+    assert tree.n_clusters.tolist() == [1] * 6 and tree.linkage.shape == (1, 4)
+    three, _ = planted_states(n_clients=3, groups=(1, 1, 1, 2, 2, 2), noise=0.01)
+    assert ftl.build_tree(three).n_clusters.max() <= 2
+
+
+def test_duplicate_clients():
+    states, _ = planted_states(n_clients=4, groups=(1, 1, 2, 2, 2, 2))
+    states = states + [dict(s) for s in states]  # every client twice: zero distances
+    tree = ftl.build_tree(states)  # each pair is a perfect cluster, so the shallow layers split too
+    assert tree.n_clusters.tolist() == reference_tree(states)[1].tolist()
+    assert torch.equal(tree.labels[:, :4], tree.labels[:, 4:])  # a client and its copy never part
+
+
+def test_serialisation_summary_and_plot(tmp_path):
+    states, _ = planted_states()
+    named = {f"client-{k}": s for k, s in enumerate(states)}
+    tree = ftl.build_tree(named, ftl.TreeConfig(linkage="complete", tau=0.2))
+    back = ftl.AggregationTree.from_dict(json.loads(json.dumps(tree.to_dict())))
+    assert torch.equal(back.linkage, tree.linkage) and torch.equal(back.labels, tree.labels)
+    assert back.n_clusters.tolist() == tree.n_clusters.tolist() and back.scores == tree.scores
+    assert back.config == tree.config and back.client_names == tree.client_names == list(named)
+    text = str(tree)
+    assert "4 clusters" in text and "{client-0, client-1}" in text and "1 cluster " in text
+    out = tmp_path / "tree.png"
+    tree.plot(out)
+    assert out.stat().st_size > 10_000
+    ftl.build_tree(states[:1]).plot(tmp_path / "one.png")
+
+
+def test_from_dict_refuses_inconsistent_trees():
+    states, _ = planted_states()
+    data = ftl.build_tree(states).to_dict()
+    data["n_clusters"] = data["n_clusters"][::-1]
+    with pytest.raises(ValueError, match="labels must use exactly|never decrease"):
+        ftl.AggregationTree.from_dict(data)
+    with pytest.raises(ValueError, match="format"):
+        ftl.AggregationTree.from_dict({"layers": []})
+
+
+def test_config_and_input_errors():
+    with pytest.raises(ValueError, match="linkage"):
+        ftl.TreeConfig(linkage="centroid")
+    with pytest.raises(ValueError, match="window"):
+        ftl.TreeConfig(window=0)
+    with pytest.raises(ValueError, match="head"):
+        ftl.TreeConfig(head="shared")
+    states, _ = planted_states(n_clients=3)
+    states[1]["base_model.model.bert.encoder.layer.4.attention.self.value.lora_B.weight"][2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"client 1, key '.*layer.4.attention.self.value.lora_B.weight': NaN or Inf at index \(2, 1\)"):
+        ftl.build_tree(states)
