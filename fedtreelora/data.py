@@ -135,7 +135,8 @@ def partition(labels: np.ndarray, num_clients: int, samples_per_client: int, *, 
 
     Each client draws a label mix p ~ Dirichlet(alpha) and `samples_per_client` documents with
     class counts ~ Multinomial(p), without replacement from a shared shuffled pool per class (a pool
-    is reshuffled and reused only once it runs dry). Clients are assigned round-robin to `num_groups`
+    is refilled, without the client's own documents, only once it runs dry: a client never holds a
+    document twice). Clients are assigned round-robin to `num_groups`
     groups; a client of group g sees label `group_permutation(g)[y]` for a document of class y.
     The first `train_fraction` of a client's documents (in random order) are its train split.
     """
@@ -159,9 +160,14 @@ def partition(labels: np.ndarray, num_clients: int, samples_per_client: int, *, 
         counts = rng.multinomial(samples_per_client, rng.dirichlet([alpha] * len(classes)))
         idx = []
         for c, count in zip(classes, counts):
+            taken = set()
             for _ in range(count):
-                if not pools[c]:
-                    pools[c] = list(rng.permutation(np.flatnonzero(labels == c)))
+                if not pools[c]:   # refill with the class's documents this client does not hold yet
+                    pools[c] = [i for i in rng.permutation(np.flatnonzero(labels == c)) if i not in taken]
+                    if not pools[c]:
+                        raise ValueError(f"client {k} needs more than the {len(taken)} documents of class {c}; "
+                                         "lower samples_per_client or raise dirichlet_alpha")
+                taken.add(pools[c][-1])
                 idx.append(pools[c].pop())
         idx = rng.permutation(np.array(idx, dtype=np.int64))
         seen = group_permutation(group, num_labels)[labels[idx]]

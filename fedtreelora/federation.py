@@ -8,7 +8,8 @@ training of every client and are shared by all methods (same starting point, com
 
 Checkpoints: after every round, `<run>/checkpoints/<phase>/round_XXX.safetensors` (all uploads and
 mixing logits, keys "<client>/<key>") then `state.json` (round, history, wall time) replaced
-atomically; state.json is the commit point, older round files are removed after it. Every random
+atomically; state.json is the commit point, older round files are removed after it. What a method
+decides after warm-up (the tree, the partitions) is kept in `method.json` and reused on resume. Every random
 draw is derived from (seed, round, client), so a resumed run replays the remaining rounds exactly.
 """
 from __future__ import annotations
@@ -157,8 +158,14 @@ class Federation:
     def run_method(self, name: str, warm_states: list[ClientState], warm_history: list[dict], resume: bool = False) -> dict:
         cfg = self.config
         method = make_method(name)
-        method.setup([s.adapter for s in warm_states], self.weights, cfg, self.groups)
         folder = self.run_dir / "checkpoints" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        decided = folder / "method.json"
+        if resume and decided.is_file():     # the tree / partitions decided after warm-up, reused as they were
+            method.load_state(json.loads(decided.read_text()), cfg)
+        else:
+            method.setup([s.adapter for s in warm_states], self.weights, cfg, self.groups)
+            _write_json(decided, method.state())
         states, history, start, wall = list(warm_states), [], 0, 0.0
         loaded = load_checkpoint(folder) if resume else None
         if loaded:

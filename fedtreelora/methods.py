@@ -29,6 +29,13 @@ class Method:
     def summary(self) -> dict:
         return {}
 
+    def state(self) -> dict:
+        """What setup() decided, JSON-able: a resumed run reloads it instead of re-deciding."""
+        return {}
+
+    def load_state(self, state: dict, config) -> None:
+        self.config = config
+
 
 class _Segmented(Method):
     """Methods defined by a partition of the clients per transformer layer (and one for the head)."""
@@ -56,6 +63,13 @@ class _Segmented(Method):
 
     def summary(self):
         return {"n_clusters": [int(len(set(row))) for row in self.labels], "labels": self.labels.tolist()}
+
+    def state(self):
+        return {"layers": self.layers, "head": self.head, "labels": self.labels.tolist()}
+
+    def load_state(self, state, config):
+        self.config = config
+        self.layers, self.head, self.labels = state["layers"], state["head"], np.asarray(state["labels"], dtype=np.int64)
 
 
 class LocalOnly(_Segmented):
@@ -188,6 +202,14 @@ class FedTreeLoRA(Method):
     def summary(self):
         return {"n_clusters": [int(c) for c in np.asarray(self.tree.n_clusters).reshape(-1)],
                 "labels": np.asarray(self.tree.labels).tolist()}
+
+    def state(self):
+        return {"tree": self.tree.to_dict()}
+
+    def load_state(self, state, config):
+        import fedtreelora as ftl
+        self.tree = ftl.AggregationTree.from_dict(state["tree"])
+        self.tree_config = self.tree.config
 
 
 METHODS = {cls.name: cls for cls in (FedTreeLoRA, LocalOnly, FedIT, FedSA, FlatClusters, FedALT,

@@ -97,3 +97,12 @@ def test_hf_dataset_on_disk(tmp_path):
     assert loaded.label_names == ["neg", "pos"] and loaded.labels.tolist() == [1, 0, 1]
     with pytest.raises(KeyError, match="column"):
         load_hf_dataset(str(tmp_path / "d"), text_column="text")
+
+
+def test_partition_never_gives_a_client_a_document_twice_even_when_pools_run_dry():
+    labels = np.repeat(np.arange(3), 20)          # 60 documents, 8 clients x 12: the pools run dry
+    for c in partition(labels, 8, 12, alpha=0.3, seed=3):
+        idx = np.concatenate([c.train_idx, c.test_idx])
+        assert len(set(idx.tolist())) == len(idx) == 12
+    with pytest.raises(ValueError, match="needs more than the 10 documents of class"):
+        partition(np.zeros(10, dtype=int), 1, 11)
