@@ -32,7 +32,7 @@ from tiny_models import pretrain_tiny_bert, save_tiny_bert, tiny_config, tiny_da
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 APP = ROOT / "examples" / "flower_app"
-METHOD = os.environ.get("FLOWER_TEST_METHOD", "fedtreelora")
+METHOD = "fedtreelora"
 BIN = Path(sys.executable).parent
 
 
