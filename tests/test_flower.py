@@ -1,0 +1,368 @@
+"""FedTreeLoRA on Flower: wire format and app config (fast), then three federations through Flower:
+the simulation engine against the in-process run, an injected client failure, and a real SuperLink
+with two SuperNodes on 127.0.0.1 driven by `flwr run`. The last three start Ray or Flower processes
+(a minute or more each on 2 cores) and are marked slow.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+
+from fedtreelora.client import ClientState  # noqa: E402
+from fedtreelora.config import ExperimentConfig  # noqa: E402
+from fedtreelora.flower.messages import (client_reply_content, read_client_reply, read_server_content,  # noqa: E402
+                                         server_content)
+from fedtreelora.flower.runtime import partition_id, resolve_dataset_fn  # noqa: E402
+from fedtreelora.flower.server_app import config_from_run_config  # noqa: E402
+from tiny_models import pretrain_tiny_bert, save_tiny_bert, tiny_config, tiny_dataset  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+APP = ROOT / "examples" / "flower_app"
+METHOD = "fedtreelora"
+BIN = Path(sys.executable).parent
+
+
+def tiny_data(config):
+    """dataset-fn of the tests' ClientApps ("test_flower:tiny_data"): the in-process run's data."""
+    return tiny_dataset()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """The tiny BERT with a 'pre-trained' encoder, so that accuracies move from round to round."""
+    return pretrain_tiny_bert(save_tiny_bert(tmp_path_factory.mktemp("tiny_bert")), tiny_dataset())
+
+
+@pytest.fixture
+def child_env(monkeypatch):
+    """Ray workers and Flower subprocesses import this checkout and this test module."""
+    paths = [str(ROOT), str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
+    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+# -- fast: the wire format and the app config ------------------------------------------------------
+def _state(seed):
+    g = torch.Generator().manual_seed(seed)
+    adapter = {"base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight": torch.randn(2, 8, generator=g),
+               "base_model.model.classifier.bias": torch.randn(3, generator=g)}
+    return ClientState(adapter, {"layer_0": torch.randn((), generator=g), "layer_1": torch.randn((), generator=g)})
+
+
+def _same_state(a: ClientState, b: ClientState):
+    assert a.adapter.keys() == b.adapter.keys() and a.logits.keys() == b.logits.keys()
+    for key in a.adapter:
+        assert torch.equal(a.adapter[key], b.adapter[key]) and a.adapter[key].dtype == b.adapter[key].dtype
+    for key in a.logits:
+        assert b.logits[key].shape == () and torch.equal(a.logits[key], b.logits[key])
+
+
+def test_messages_carry_each_clients_state_exactly():
+    cfg = ExperimentConfig().replace(num_clients=3, lora_r=2)
+    state, external = _state(0), _state(1).adapter
+    before = {k: v.clone() for k, v in state.adapter.items()}
+    config, round_, phase, got, got_external = read_server_content(server_content(cfg, 4, "fedtreelora", state, external))
+    assert config == cfg and round_ == 4 and phase == "fedtreelora"
+    _same_state(state, got)
+    assert all(torch.equal(external[k], got_external[k]) for k in external)
+    assert all(torch.equal(before[k], state.adapter[k]) for k in before)      # the caller's tensors untouched
+    # first warm-up round: no state, the client starts from its own initial LoRA
+    assert read_server_content(server_content(cfg, 0, "warmup"))[3:] == (None, None)
+    metrics, back = read_client_reply(client_reply_content({"partition-id": 2, "train-loss": 0.5}, state))
+    assert metrics == {"partition-id": 2, "train-loss": 0.5}
+    _same_state(state, back)
+
+
+def test_example_app_config_is_the_calibrated_experiment():
+    import tomllib
+    app_config = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert app_config["method"] == "fedtreelora"
+    assert config_from_run_config(app_config) == ExperimentConfig()
+
+
+def test_run_config_keys_and_errors(tmp_path):
+    cfg = config_from_run_config({"num-clients": 4, "lora_r": 8, "target-modules": "query, key,value", "method": "fedit"})
+    assert (cfg.num_clients, cfg.lora_r, cfg.target_modules) == (4, 8, ["query", "key", "value"])
+    path = tmp_path / "exp.json"
+    path.write_text(json.dumps({"num_clients": 6, "rounds": 7}))
+    cfg = config_from_run_config({"config-file": str(path), "rounds": 2})
+    assert (cfg.num_clients, cfg.rounds) == (6, 2)
+    with pytest.raises(ValueError, match="num-clientz"):
+        config_from_run_config({"num-clientz": 4})
+    with pytest.raises(ValueError, match="num_groups"):
+        config_from_run_config({"num-clients": 2, "num-groups": 3})
+
+
+def test_client_identity_and_dataset_fn_errors():
+    assert partition_id({"partition-id": 3, "num-partitions": 4}) == 3
+    with pytest.raises(KeyError, match="partition-id"):
+        partition_id({})
+    assert resolve_dataset_fn("test_flower:tiny_data") is tiny_data
+    with pytest.raises(ValueError, match="module:function"):
+        resolve_dataset_fn("test_flower.tiny_data")
+    with pytest.raises(ImportError, match="no_such_fn"):
+        resolve_dataset_fn("test_flower:no_such_fn")
+
+
+def test_unknown_method_fails_before_any_node_is_contacted():
+    from fedtreelora.flower.strategy import PersonalisedStrategy
+    with pytest.raises(ValueError, match="fedtreelorra"):
+        PersonalisedStrategy(ExperimentConfig(), method="fedtreelorra")
+
+
+class DirectGrid:
+    """The part of Flower's Grid the strategy uses, calling a ClientApp in this process (no Ray, no
+    network): fast enough for every test run. Nodes listed in `silent` never reply in federated rounds."""
+
+    def __init__(self, app, num_nodes: int, silent=()):
+        from flwr.app import Context, RecordDict
+        self.app, self.silent = app, set(silent)
+        self.contexts = {100 + k: Context(run_id=1, node_id=100 + k, node_config={"partition-id": k, "num-partitions": num_nodes},
+                                          state=RecordDict(), run_config={}) for k in range(num_nodes)}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            phase = str(message.content.config_records["config"]["phase"])
+            if node - 100 in self.silent and phase not in ("warmup", "query"):
+                continue                                     # dropped out: no reply at all
+            replies.append(self.app(message, self.contexts[node]))
+        return replies
+
+
+@pytest.fixture(scope="module")
+def plain_tiny_model(tmp_path_factory):
+    return save_tiny_bert(tmp_path_factory.mktemp("plain_bert"))
+
+
+def test_dropped_client_is_logged_and_keeps_its_upload(plain_tiny_model, tmp_path, monkeypatch):
+    """A client that stops answering (no reply before the round timeout) after warm-up: every round
+    still runs, aggregates the others and keeps its warm-up upload; it has no accuracy while silent."""
+    from fedtreelora.federation import load_checkpoint
+    from fedtreelora.flower.client_app import client_app
+    from fedtreelora.flower.strategy import PersonalisedStrategy, logger
+    from flwr.supercore.task_identity import TaskIdentity
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):   # what a ServerApp process has set
+        monkeypatch.setattr(TaskIdentity, name, value)
+    cfg = tiny_config(plain_tiny_model, dataset="tiny", warmup_rounds=1, rounds=2, local_steps=2)
+    records = _Records()
+    logger.addHandler(records)
+    try:
+        strategy = PersonalisedStrategy(cfg, METHOD, tmp_path, round_timeout=1.0)
+        summary = strategy.start(DirectGrid(client_app(dataset_fn=tiny_data), cfg.num_clients, silent={2}))
+    finally:
+        logger.removeHandler(records)
+    history = summary["methods"][METHOD]["history"]
+    assert [h["phase"] for h in history] == ["warmup", METHOD, METHOD]
+    for h in history[1:]:
+        assert h["failed"] == {"train": [2], "evaluate": [2]}
+        assert h["accuracy"][2] is None and all(h["accuracy"][k] is not None for k in (0, 1, 3))
+        assert h["mean_accuracy"] == pytest.approx(np.mean([h["accuracy"][k] for k in (0, 1, 3)]))
+    assert [(f["client"], f["kind"]) for f in summary["failures"]] == [(2, "train"), (2, "evaluate")] * 2
+    assert sum("client 2 " in m and "no reply within 1.0 s" in m for m in records.messages) == 4
+    _, warm = load_checkpoint(tmp_path / "checkpoints" / "warmup")
+    _, last = load_checkpoint(tmp_path / "checkpoints" / METHOD)
+    for k in range(cfg.num_clients):
+        same = all(torch.equal(warm[k].adapter[key], last[k].adapter[key]) for key in warm[k].adapter)
+        assert same == (k == 2), f"client {k}"
+
+
+# -- slow: real federations through Flower ---------------------------------------------------------
+def _simulate(config, run_dir, mods=None, num_supernodes=4):
+    from flwr.simulation import run_simulation
+    from fedtreelora.flower.client_app import client_app
+    from fedtreelora.flower.server_app import server_app
+    run_simulation(server_app(config, METHOD, str(run_dir), round_timeout=300, connect_timeout=60),
+                   client_app(dataset_fn="test_flower:tiny_data", mods=mods), num_supernodes=num_supernodes,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": 2, "num_gpus": 0}})
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_simulation_engine_matches_in_process_run(tiny_model, tmp_path, child_env):
+    from fedtreelora.federation import run_experiment
+    cfg = tiny_config(tiny_model, dataset="tiny")        # 4 clients in 2 groups, full participation
+    local = run_experiment(cfg, [METHOD], tmp_path / "in_process", dataset=tiny_dataset(), progress=False)
+    flower = _simulate(cfg, tmp_path / "flower")
+    a, b = local["methods"][METHOD], flower["methods"][METHOD]
+    assert flower["weights"] == local["weights"] and flower["groups"] == local["groups"]
+    assert b["method_state"] == a["method_state"]                      # the same tree and cuts
+    if (tmp_path / "in_process" / "tree.json").exists():
+        assert json.loads((tmp_path / "flower" / "tree.json").read_text()) == json.loads(
+            (tmp_path / "in_process" / "tree.json").read_text())     # same uploads (1 thread each): same bits
+    assert flower["failures"] == []
+    assert len(b["history"]) == len(a["history"]) == cfg.warmup_rounds + cfg.rounds
+    for ha, hb in zip(a["history"], b["history"]):                     # every round, not just the last
+        assert hb["round"] == ha["round"] and hb["phase"] == ha["phase"]
+        np.testing.assert_allclose(hb["loss"], ha["loss"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(hb["accuracy"], ha["accuracy"], atol=0.026)   # at most one test document
+    assert b["mean_accuracy"] == pytest.approx(a["mean_accuracy"], abs=0.01)
+    for k, lams in a["lam"].items():
+        assert b["lam"][k] == pytest.approx(lams, abs=1e-3)
+
+
+FAILING_CLIENT = 1
+
+
+def fail_in_federated_rounds(message, context, call_next):
+    """Client mod: client 1 raises in every federated training round (after warm-up)."""
+    content = message.content
+    if message.metadata.message_type == "train" and int(context.node_config["partition-id"]) == FAILING_CLIENT:
+        if str(content.config_records["config"]["phase"]) != "warmup":
+            raise RuntimeError("injected failure: this client crashed")
+    return call_next(message, context)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_failed_client_does_not_stop_the_federation(tiny_model, tmp_path, child_env):
+    from fedtreelora.federation import load_checkpoint
+    from fedtreelora.flower.strategy import logger
+    cfg = tiny_config(tiny_model, dataset="tiny")
+    records = _Records()
+    logger.addHandler(records)
+    try:
+        summary = _simulate(cfg, tmp_path, mods=[fail_in_federated_rounds])
+    finally:
+        logger.removeHandler(records)
+    federated = [h for h in summary["methods"][METHOD]["history"] if h["phase"] != "warmup"]
+    assert len(federated) == cfg.rounds                           # every round ran
+    for h in federated:
+        assert h["failed"]["train"] == [FAILING_CLIENT] and h["failed"]["evaluate"] == []
+        assert all(a is not None for a in h["accuracy"])          # it is still evaluated, on what it holds
+    assert [(f["client"], f["kind"]) for f in summary["failures"]] == [(FAILING_CLIENT, "train")] * cfg.rounds
+    assert all("injected failure" in f["reason"] for f in summary["failures"])
+    failure_logs = [m for m in records.messages if f"client {FAILING_CLIENT} " in m and "failed to train" in m]
+    assert len(failure_logs) == cfg.rounds and "injected failure" in failure_logs[0]
+    # the server kept the failed client's warm-up upload; the others' uploads moved on
+    _, warm = load_checkpoint(tmp_path / "checkpoints" / "warmup")
+    _, last = load_checkpoint(tmp_path / "checkpoints" / METHOD)
+    for k in range(cfg.num_clients):
+        same = all(torch.equal(warm[k].adapter[key], last[k].adapter[key]) for key in warm[k].adapter)
+        assert same == (k == FAILING_CLIENT), f"client {k}"
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _stop(processes):
+    """Terminate each started process group and every process they spawned (Flower detaches SuperExec)."""
+    import psutil
+    victims = []
+    for proc in processes:
+        try:
+            victims += [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for proc in processes:
+        try:
+            os.killpg(proc.pid, 15)
+        except ProcessLookupError:
+            pass
+    alive = []
+    for pid in victims:
+        try:
+            alive.append(psutil.Process(pid))
+            alive[-1].terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    for proc in processes:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_deployment_superlink_and_two_supernodes(tiny_model, tmp_path, child_env):
+    link_port, *node_ports = _free_ports(3)
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+                                      f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    processes, logs = [], []
+
+    def start(name, *args):
+        log = open(tmp_path / f"{name}.log", "w")
+        logs.append(log)
+        processes.append(subprocess.Popen([str(BIN / args[0]), *args[1:]],
+                                          stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+
+    run_dir = tmp_path / "run"
+    overrides = (f"model='{tiny_model}' dataset='unused' dataset-fn='test_flower:tiny_data' num-clients=2 num-groups=1 "
+                 f"samples-per-client=40 max-length=12 lora-r=2 lora-alpha=4.0 target-modules='query,value' "
+                 f"local-steps=2 batch-size=8 lr=0.01 warmup-rounds=1 rounds=1 round-timeout=240 "
+                 f"method='{METHOD}' run-dir='{run_dir}'")
+    try:
+        start("superlink", "flower-superlink", "--insecure", "--port", str(link_port),
+              "--disable-runtime-dependency-installation")
+        for k, port in enumerate(node_ports):
+            start(f"supernode{k}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                  "--port", str(port), "--node-config", f"partition-id={k} num-partitions=2")
+        deadline = time.monotonic() + 120
+        run = None
+        while time.monotonic() < deadline:        # the SuperLink may still be starting: retry the submission
+            run = subprocess.run([str(BIN / "flwr"), "run", str(APP), "test", "--stream", "--run-config", overrides],
+                                 capture_output=True, text=True, env=env, timeout=420)
+            if "Successfully started run" in run.stdout:
+                break
+            time.sleep(2)
+        assert run is not None and "Successfully started run" in run.stdout, run.stdout + run.stderr
+        assert (run_dir / "metrics.json").is_file(), "the run did not finish:\n" + run.stdout[-6000:] + run.stderr
+        summary = json.loads((run_dir / "metrics.json").read_text())
+        history = summary["methods"][METHOD]["history"]
+        assert [h["phase"] for h in history] == ["warmup", METHOD]
+        assert summary["failures"] == [] and all(a is not None for a in history[-1]["accuracy"])
+        assert "2 clients connected" in run.stdout
+    finally:
+        _stop(processes)
+        for log in logs:
+            log.close()
+    for name in ("superlink", "supernode0", "supernode1"):
+        assert (tmp_path / f"{name}.log").read_text()      # they did run and log
+    assert all(proc.poll() is not None for proc in processes)
