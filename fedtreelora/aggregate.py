@@ -101,8 +101,8 @@ def aggregate(client_states, weights=None, tree: AggregationTree | None = None, 
         cluster, external = _trimmed_reduce(x, layout.layer_offsets.tolist(), labels, w, n_clusters, trim_ratio)
 
     local_head = layout.has_head and head_policy == "local"
-    shared_external = int(tree.n_clusters.max()) > 1 or local_head
-    cluster_out, external_out = _per_client_views(cluster, external if shared_external else None, labels.cpu(),
+    anyone_outside = int(tree.n_clusters.max()) > 1  # else every external expert would be all zeros
+    cluster_out, external_out = _per_client_views(cluster, external if anyone_outside else None, labels.cpu(),
                                                   layout, x if local_head else None)
     if names is not None:
         cluster_out = dict(zip(names, cluster_out))
