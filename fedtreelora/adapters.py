@@ -63,9 +63,6 @@ class AdapterLayout:
     def has_head(self) -> bool:
         return bool(self.head_keys)
 
-    def segment_of(self, column: int) -> int:
-        return int(torch.searchsorted(self.layer_offsets, torch.tensor([column]), right=True)[0]) - 1
-
     def specs(self) -> list[tuple[str, torch.Size, torch.dtype, int, int, int]]:
         """(key, shape, dtype, start, stop, segment) per key, in the clients' own key order."""
         by_key = {key: (shape, dtype, lo, hi) for key, shape, dtype, (lo, hi)

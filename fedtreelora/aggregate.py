@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -67,16 +68,16 @@ def aggregate(client_states, weights=None, tree: AggregationTree | None = None, 
         raise TypeError(f"config must be a fedtreelora.TreeConfig, got {type(config).__name__}")
     x = adapters.pack(states, layout)
     w = _weights(weights, n, names, x.device)
-    problem = adapters.first_nonfinite(x, layout, names)
-    if problem:
-        raise ValueError(problem)
+    if clip_norm is not None or robust != "mean":  # paths whose ops do not scan x for NaN/Inf themselves
+        _raise_nonfinite(x, layout, names)
     if clip_norm is not None:
         _clip_(x, layout, clip_norm)
 
     if tree is None:
         b_layout = layout.b_layout()
         xb = _columns(x, layout.layer_offsets.tolist(), layout.b_ends)
-        tree = build_tree_from_rows(xb, b_layout.layer_offsets, layout.layers, config or TreeConfig(), names)
+        with _name_nonfinite(x, layout, names):
+            tree = build_tree_from_rows(xb, b_layout.layer_offsets, layout.layers, config or TreeConfig(), names)
     else:
         _check_tree(tree, layout, n, names)
     head_policy = (config or tree.config).head
@@ -92,13 +93,14 @@ def aggregate(client_states, weights=None, tree: AggregationTree | None = None, 
     n_clusters = int(tree.n_clusters.max())
     offsets = layout.layer_offsets.to(x.device)
     if robust == "mean":
-        cluster, external = ops.tree_reduce(x, offsets, labels, w, n_clusters=n_clusters)
+        with _name_nonfinite(x, layout, names):  # the op checks its outputs: no extra pass over x when all is well
+            cluster, external = ops.tree_reduce(x, offsets, labels, w, n_clusters=n_clusters)
     else:
         cluster, external = _trimmed_reduce(x, layout.layer_offsets.tolist(), labels, w, n_clusters, trim_ratio)
 
     local_head = layout.has_head and head_policy == "local"
-    shared_external = int(tree.n_clusters.max()) > 1 or local_head
-    cluster_out, external_out = _per_client_views(cluster, external if shared_external else None, labels.cpu(),
+    anyone_outside = int(tree.n_clusters.max()) > 1  # else every external expert would be all zeros
+    cluster_out, external_out = _per_client_views(cluster, external if anyone_outside else None, labels.cpu(),
                                                   layout, x if local_head else None)
     if names is not None:
         cluster_out = dict(zip(names, cluster_out))
@@ -107,6 +109,22 @@ def aggregate(client_states, weights=None, tree: AggregationTree | None = None, 
 
 
 # ----------------------------------------------------------------------------------------------
+def _raise_nonfinite(x, layout, names) -> None:
+    problem = adapters.first_nonfinite(x, layout, names)
+    if problem:
+        raise ValueError(problem)
+
+
+@contextmanager
+def _name_nonfinite(x, layout, names):
+    """Turn an op's NaN/Inf error (client index, column) into one naming the client and key."""
+    try:
+        yield
+    except ValueError:
+        _raise_nonfinite(x, layout, names)
+        raise
+
+
 def _weights(weights, n: int, names, device) -> torch.Tensor:
     if weights is None:
         return torch.ones(n, dtype=torch.float64, device=device)

@@ -201,3 +201,13 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "docs" / "example_aggregate.py"), run_name="__main__")
     assert (tmp_path / "tree.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("head", ["deepest", "global", "local"])
+def test_everyone_shares_means_no_external_and_fedavg(head):
+    states, _ = planted_states(groups=(1,) * 6, n_clients=5, d=64, r=4)
+    res = ftl.aggregate(states, config=ftl.TreeConfig(head=head))
+    assert res.tree.n_clusters.tolist() == [1] * 6 and res.external_states == [None] * 5
+    for key in states[0]:
+        want = states[3][key] if head == "local" and ".lora_" not in key else torch.stack([s[key] for s in states]).mean(0)
+        torch.testing.assert_close(res.cluster_states[3][key], want)

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.spatial.distance import squareform
 from sklearn.metrics import adjusted_rand_score, silhouette_score
@@ -60,8 +60,8 @@ def test_build_tree_agrees_with_scipy_sklearn_reference(n, n_layers, seed, metho
     tree = ftl.build_tree(states, config=cfg)
     z, counts, labels, scores = reference_tree(states, method, window, tau)
     np.testing.assert_allclose(tree.linkage.numpy()[:, 2], z[:, 2], rtol=1e-5, atol=1e-6)
-    if not np.array_equal(tree.linkage.numpy()[:, [0, 1, 3]], z[:, [0, 1, 3]]):
-        pytest.skip("float32 distances reorder a near-tie merge (checked by the linkage tests)")
+    # float32 distances may reorder a near-tie merge (the linkage op's own tests cover that case)
+    assume(np.array_equal(tree.linkage.numpy()[:, [0, 1, 3]], z[:, [0, 1, 3]]))
     for l in range(n_layers):  # scores agree; a different choice only on a float32 near tie
         for c, s in scores[l].items():
             assert tree.scores[l][c] == pytest.approx(s, abs=1e-5)
