@@ -97,9 +97,10 @@ if [ -f "$CUDA_HOME/include/nvtx3/nvToolsExt.h" ]; then NVTX_FLAGS=(-DFEDTREELOR
 HOST_WARN="-Wall,-Wextra,-Wshadow,-Wnon-virtual-dtor,-Wcast-align,-Woverloaded-virtual,-Wnull-dereference,-Werror"
 STRICT=(-Werror all-warnings -Xcudafe --display_error_number -Xcompiler "$HOST_WARN")
 ARCHS=${CUDA_CHECK_ARCHS:-80 90}
+# --threads 0: nvcc builds the architectures of one file in parallel.
 GENCODE=()
 for arch in $ARCHS; do GENCODE+=(-gencode "arch=compute_$arch,code=sm_$arch"); done
-NVCC_ARGS=(-O3 -std=c++20 -Xcompiler -fPIC "${GENCODE[@]}" -Icsrc/include "${TORCH_FLAGS[@]}" "${NVTX_FLAGS[@]}"
+NVCC_ARGS=(-O3 -std=c++20 -Xcompiler -fPIC --threads 0 "${GENCODE[@]}" -Icsrc/include "${TORCH_FLAGS[@]}" "${NVTX_FLAGS[@]}"
            -DFEDTREELORA_WITH_CUDA=1 "${STRICT[@]}")
 # A file that passed with exactly these sources, headers and flags is not compiled again.
 PASSED_DIR=${FEDTREELORA_CUDA_CACHE_DIR:-$HOME/.cache/fedtreelora-cuda-check}/nvcc-passed
