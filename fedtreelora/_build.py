@@ -93,6 +93,10 @@ class BuildPlan:
         for part in (self.cflags, self.cuda_cflags, self.ldflags, [str(p) for p in self.include_dirs]):
             h.update(repr(part).encode())
         h.update(f"{torch.__version__}|{torch.version.cuda}|{self.with_cuda}|{sys.version_info[:2]}".encode())
+        if self.with_cuda:  # a build for other architectures fails at its first launch ("no kernel image")
+            archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or sorted(
+                {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+            h.update(repr(archs).encode())
         return h.hexdigest()[:16]
 
 
@@ -101,7 +105,8 @@ def build_plan(csrc: Path | None = None) -> BuildPlan:
     with_cuda = _want_cuda()
     sources = [csrc / "ops.cpp"] + sorted(csrc.glob("cpu/*.cpp"))
     include_dirs = [csrc / "include"]
-    cflags = ["-O3", "-Wall", "-Wno-unknown-pragmas"]
+    # -ffp-contract=off: no fused multiply-adds, so linkage heights stay bit-equal to scipy's everywhere
+    cflags = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-ffp-contract=off"]
     cuda_cflags = ["-O3", "--expt-relaxed-constexpr"]
     nvtx = _nvtx_include_dirs()
     if nvtx:
