@@ -23,7 +23,7 @@ build: setup
 	FEDTREELORA_REQUIRE_NATIVE=1 $(PY) -c "import fedtreelora, sys; print('fedtreelora native core:', fedtreelora.ops._build.native_info()['library'])"
 
 demo: setup
-	$(VENV)/bin/fedtreelora simulate
+	$(VENV)/bin/fedtreelora simulate --overwrite
 
 test-fast: build
 	FEDTREELORA_REQUIRE_NATIVE=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests

@@ -14,8 +14,10 @@ draw is derived from (seed, round, client), so a resumed run replays the remaini
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -43,6 +45,14 @@ def _write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_checkpoint(folder: Path, round_: int, states: list[ClientState], info: dict) -> None:
     from safetensors.torch import save_file
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,27 +63,56 @@ def save_checkpoint(folder: Path, round_: int, states: list[ClientState], info: 
     name = f"round_{round_:03d}.safetensors"
     tmp = folder / (name + ".tmp")
     save_file(tensors, str(tmp))
+    with open(tmp, "rb+") as f:   # on disk before state.json points at it
+        os.fsync(f.fileno())
+    digest = _sha256(tmp)
     os.replace(tmp, folder / name)
-    _write_json(folder / "state.json", {**info, "round": round_, "file": name, "num_clients": len(states)})
+    _write_json(folder / "state.json", {**info, "round": round_, "file": name, "sha256": digest,
+                                        "num_clients": len(states)})
     for old in folder.glob("round_*.safetensors"):
         if old.name != name:
             old.unlink()
 
 
+class RunFolderError(ValueError):
+    """A run folder that holds another run (other settings, or a run not asked to be resumed)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated or corrupt."""
+
+
 def load_checkpoint(folder: Path) -> tuple[dict, list[ClientState]] | None:
+    """The last committed round of `folder` (None if nothing was committed yet).
+
+    Raises CheckpointError, naming the file, when state.json or the round file it points at is
+    unreadable, truncated or does not match the SHA-256 recorded when it was written.
+    """
     from safetensors.torch import load_file
     path = folder / "state.json"
     if not path.is_file():
         return None
-    info = json.loads(path.read_text())
-    tensors = load_file(str(folder / info["file"]))
-    states = [ClientState({}, {}) for _ in range(info["num_clients"])]
-    for name, v in tensors.items():
-        k, kind, key = name.split("/", 2)
+    try:
+        info = json.loads(path.read_text())
+        name, num_clients = info["file"], int(info["num_clients"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({exc}); delete the folder to start over") from exc
+    data = folder / name
+    if not data.is_file():
+        raise CheckpointError(f"checkpoint {data} named by {path} is missing")
+    if "sha256" in info and _sha256(data) != info["sha256"]:
+        raise CheckpointError(f"checkpoint {data} is corrupt or truncated (SHA-256 differs from the one recorded in {path})")
+    try:
+        tensors = load_file(str(data))
+    except Exception as exc:  # safetensors reports a bad header or a short file in its own error type
+        raise CheckpointError(f"checkpoint {data} cannot be read: {exc}") from exc
+    states = [ClientState({}, {}) for _ in range(num_clients)]
+    for key, v in tensors.items():
+        k, kind, rest = key.split("/", 2)
         if kind == "adapter":
-            states[int(k)].adapter[key] = v
+            states[int(k)].adapter[rest] = v
         else:
-            states[int(k)].logits[key] = v.reshape(())
+            states[int(k)].logits[rest] = v.reshape(())
     return info, states
 
 
@@ -82,10 +121,11 @@ class Federation:
     """Data, model and trainer set up once; `warmup()` and `run_method()` use them."""
 
     def __init__(self, config: ExperimentConfig, run_dir: str | Path, dataset: TextDataset | None = None,
-                 progress: bool = True):
+                 progress: bool = True, resume: bool = False, overwrite: bool = False):
         self.config = config
         self.run_dir = Path(run_dir)
         self.progress = progress
+        self._check_config(resume, overwrite)
         if config.num_threads > 0:
             torch.set_num_threads(config.num_threads)
         self.dataset = dataset if dataset is not None else load_dataset_for(config)
@@ -99,16 +139,24 @@ class Federation:
         model = add_lora(load_classifier(config.model, self.dataset.num_labels, seed=config.seed), config, seed=config.seed)
         self.trainer = LocalTrainer(model, features, config)
         self.initial = self.trainer.initial_state()
-        self._check_config()
 
-    def _check_config(self) -> None:
+    def _check_config(self, resume: bool = False, overwrite: bool = False) -> None:
+        """Never mix two runs in one folder: a finished or killed run is continued (resume) or,
+        on request only, started over (overwrite); a different config is refused."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / "config.json"
-        if path.is_file():
+        checkpoints = self.run_dir / "checkpoints"
+        if overwrite and not resume:
+            if checkpoints.exists():
+                shutil.rmtree(checkpoints)
+        elif checkpoints.exists() and not resume:
+            raise RunFolderError(f"run folder {self.run_dir} already holds a run; resume it (--resume) or start it "
+                                  "over (--overwrite), or use another --run-dir")
+        if path.is_file() and not (overwrite and not resume):
             saved = json.loads(path.read_text())
             if saved != json.loads(json.dumps(self.config.to_dict())):
                 diff = sorted(k for k in saved if saved.get(k) != self.config.to_dict().get(k))
-                raise ValueError(f"run folder {self.run_dir} holds a run with another config (differs in {diff}); "
+                raise RunFolderError(f"run folder {self.run_dir} holds a run with another config (differs in {diff}); "
                                  "use another --run-dir or the same settings")
         _write_json(path, self.config.to_dict())
 
@@ -202,13 +250,17 @@ class Federation:
 
 
 def run_experiment(config: ExperimentConfig, methods: list[str] | None = None, run_dir: str | Path = "runs/simulate",
-                   *, dataset: TextDataset | None = None, resume: bool = False, progress: bool = True) -> dict:
-    """Warm-up once, then every method; writes metrics.json (and plots, tree.json) into run_dir."""
+                   *, dataset: TextDataset | None = None, resume: bool = False, overwrite: bool = False,
+                   progress: bool = True) -> dict:
+    """Warm-up once, then every method; writes metrics.json (and plots, tree.json) into run_dir.
+
+    A run_dir that already holds a run is continued with resume=True, started over with
+    overwrite=True, and refused otherwise."""
     from .plots import write_outputs
     methods = list(methods or DEFAULT_METHODS)
     for name in methods:
         make_method(name)   # fail on a typo before any training
-    fed = Federation(config, run_dir, dataset=dataset, progress=progress)
+    fed = Federation(config, run_dir, dataset=dataset, progress=progress, resume=resume, overwrite=overwrite)
     warm_states, warm_history = fed.warmup(resume=resume)
     results = {}
     for name in tqdm(methods, desc="methods", disable=not progress, dynamic_ncols=True):

@@ -67,3 +67,24 @@ def tiny_config(model_path: str, **changes):
     base.update(changes)
     return ExperimentConfig.from_dict(base)
 
+
+def pretrain_tiny_bert(folder: str | Path, dataset: TextDataset, steps: int = 60, seed: int = 0) -> str:
+    """Give the tiny BERT a 'pre-trained' encoder (full training on the unpermuted task) so that, like
+    MiniLM, its features carry the topics and LoRA fine-tuning has something to adapt."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+    tok = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification.from_pretrained(folder, num_labels=dataset.num_labels)
+    enc = tok(dataset.texts, padding=True, return_tensors="pt")
+    labels = torch.as_tensor(dataset.labels)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(labels), (32,), generator=g)
+        loss = model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx], labels=labels[idx]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.bert.save_pretrained(folder)
+    return str(folder)

@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", metavar="METHOD", help="methods to run (default: all but oracle-groups)")
     parser.add_argument("--run-dir", default="runs/simulate", help="run folder (default: runs/simulate)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoints")
+    parser.add_argument("--overwrite", action="store_true", help="start over when --run-dir already holds a run (it is never replaced otherwise)")
     parser.add_argument("--seed", type=int, help="shortcut for --set seed=N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -49,14 +50,19 @@ def build_config(args):
 
 
 def run(args) -> int:
-    from fedtreelora.federation import run_experiment
+    from fedtreelora.federation import CheckpointError, RunFolderError, run_experiment
     from fedtreelora.plots import format_table
     try:
         config = build_config(args)
     except (ValueError, OSError) as exc:
         print(f"fedtreelora simulate: {exc}", file=sys.stderr)
         return 2
-    summary = run_experiment(config, args.methods, args.run_dir, resume=args.resume, progress=not args.no_progress)
+    try:
+        summary = run_experiment(config, args.methods, args.run_dir, resume=args.resume, overwrite=args.overwrite,
+                                 progress=not args.no_progress)
+    except (RunFolderError, CheckpointError) as exc:
+        print(f"fedtreelora simulate: {exc}", file=sys.stderr)
+        return 2
     print(format_table(summary))
     print(f"run folder: {args.run_dir}")
     return 0
