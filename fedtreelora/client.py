@@ -51,6 +51,21 @@ class LocalTrainer:
     def state(self) -> ClientState:
         return ClientState(self.adapter_state(), {g: p.detach().cpu().clone() for g, p in self.mixer.logits.items()})
 
+    def upload(self, start: ClientState, seed: int) -> ClientState:
+        """What leaves the client after training from `start`: its state, or with differential privacy
+        on (config.dp_noise_multiplier > 0 or dp_clip_norm > 0) start + clipped, noised update
+        (`fedtreelora.privacy.privatize_update`). The mixing logits never leave the client's model."""
+        trained = self.state()
+        cfg = self.config
+        if cfg.dp_clip_norm <= 0 and cfg.dp_noise_multiplier <= 0:
+            return trained
+        from .privacy import privatize_update
+        if cfg.dp_clip_norm <= 0:
+            raise ValueError("dp_noise_multiplier > 0 needs dp_clip_norm > 0 (the noise scale is noise_multiplier * clip_norm)")
+        generator = torch.Generator().manual_seed(seed)
+        adapter = privatize_update(start.adapter, trained.adapter, cfg.dp_clip_norm, cfg.dp_noise_multiplier, generator)
+        return ClientState(adapter, trained.logits)
+
     # -- training --------------------------------------------------------------------------
     def num_steps(self, num_train: int) -> int:
         cfg = self.config
@@ -63,15 +78,17 @@ class LocalTrainer:
         batch = {k: v[index].to(self.device) for k, v in self.features.items()}
         return batch, torch.as_tensor(labels, dtype=torch.long, device=self.device)
 
-    def train(self, train_idx: np.ndarray, train_labels: np.ndarray, seed: int) -> dict:
-        """AdamW (+ scheduler, gradient clipping) for `num_steps` batches drawn by epochs of a seeded shuffle."""
+    def train(self, train_idx: np.ndarray, train_labels: np.ndarray, seed: int, train_head: bool = True) -> dict:
+        """AdamW (+ scheduler, gradient clipping) for `num_steps` batches drawn by epochs of a seeded shuffle.
+
+        train_head=False trains the LoRA factors only (the head, PEFT `modules_to_save`, stays as loaded)."""
         from transformers import get_scheduler
         cfg = self.config
         if len(train_idx) == 0:
             raise ValueError("a client with no training documents cannot train")
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
-        lora_params = [p for p in self.model.parameters() if p.requires_grad]
+        lora_params = [p for n, p in self.model.named_parameters() if p.requires_grad and (train_head or "lora_" in n)]
         mix_params = [self.mixer.logits[g] for g in sorted(self.mixer.active_groups)]
         groups = [{"params": lora_params, "lr": cfg.lr}]
         if mix_params:

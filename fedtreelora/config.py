@@ -53,6 +53,7 @@ class ExperimentConfig:
     mixing_init: float = _f(0.8, "initial lam (weight of the cluster expert)")
     # federation
     warmup_rounds: int = _f(2, "rounds of local-only training shared by all methods before the tree is built")
+    warmup_head: bool = _f(True, "train the classifier head during warm-up (False: it stays at its shared initialisation, so the task signal lands in the LoRA factors the tree reads)")
     rounds: int = _f(3, "federated rounds after warm-up")
     client_fraction: float = _f(1.0, "fraction of clients that train in a federated round")
     # tree (FedTreeLoRA)
@@ -62,6 +63,8 @@ class ExperimentConfig:
     tau: float = _f(0.1, "score of one cluster (bias towards full sharing)")
     fixed_clusters: int = _f(2, "cluster count of the fixed-count ablation (all layers)")
     # run
+    dp_clip_norm: float = _f(0.0, "differential privacy: clip each upload's update (all tensors together) to this L2 norm (0 = off)")
+    dp_noise_multiplier: float = _f(0.0, "differential privacy: Gaussian noise std = dp_noise_multiplier * dp_clip_norm per coordinate (0 = no noise)")
     seed: int = _f(0, "seed of data partition, initialisation, sampling and selection")
     device: str = _f("cpu", "torch device")
     num_threads: int = _f(0, "torch CPU threads (0 = leave torch's default)")
@@ -116,5 +119,9 @@ class ExperimentConfig:
             raise ValueError(f"config dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
         if not 0.0 < self.mixing_init < 1.0:
             raise ValueError(f"config mixing_init must lie in (0, 1), got {self.mixing_init}")
+        if self.dp_clip_norm < 0 or self.dp_noise_multiplier < 0:
+            raise ValueError("config dp_clip_norm and dp_noise_multiplier must be >= 0")
+        if self.dp_noise_multiplier > 0 and self.dp_clip_norm <= 0:
+            raise ValueError("config dp_noise_multiplier > 0 needs dp_clip_norm > 0 (noise std = multiplier * clip norm)")
         if self.local_steps == 0 and self.local_epochs <= 0:
             raise ValueError("config needs local_steps > 0 or local_epochs > 0")

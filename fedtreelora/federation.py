@@ -176,8 +176,10 @@ class Federation:
     def _train(self, k: int, start: ClientState, external, round_: int) -> ClientState:
         client = self.clients[k]
         self.trainer.load(start, external)
-        self.trainer.train(client.train_idx, client.train_labels, seed=derived_seed(self.config.seed, round_, k))
-        return self.trainer.state()
+        warming_up = round_ < self.config.warmup_rounds
+        self.trainer.train(client.train_idx, client.train_labels, seed=derived_seed(self.config.seed, round_, k),
+                           train_head=self.config.warmup_head or not warming_up)
+        return self.trainer.upload(start, seed=derived_seed(self.config.seed, round_, k, 1))
 
     def warmup(self, resume: bool = False) -> tuple[list[ClientState], list[dict]]:
         """`warmup_rounds` rounds of local training of every client (shared by all methods)."""

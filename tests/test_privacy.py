@@ -59,3 +59,23 @@ def test_epsilon_of_the_gaussian_mechanism():
     assert gaussian_epsilon(0.0) == math.inf
     assert gaussian_epsilon(5.0, 1e-5) == pytest.approx(math.sqrt(2 * math.log(1.25e5)) / 5.0)
     assert gaussian_epsilon(10.0) < gaussian_epsilon(5.0)
+
+
+def test_federation_uploads_are_privatised_when_configured(tmp_path):
+    """With DP on, what the server receives differs from the trained state by a clipped, noised update."""
+    from fedtreelora.client import ClientState
+    from fedtreelora.config import ExperimentConfig
+    from tiny_models import save_tiny_bert, tiny_config, tiny_dataset
+    from fedtreelora.federation import Federation
+
+    torch.set_num_threads(1)
+    model = save_tiny_bert(tmp_path / "bert")
+    with pytest.raises(ValueError, match="dp_clip_norm"):
+        tiny_config(model, dp_noise_multiplier=1.0)
+    plain = Federation(tiny_config(model), tmp_path / "plain", dataset=tiny_dataset(), progress=False)
+    private = Federation(tiny_config(model, dp_clip_norm=0.05, dp_noise_multiplier=0.0), tmp_path / "dp",
+                         dataset=tiny_dataset(), progress=False)
+    a = plain._train(0, plain.initial, None, round_=0)
+    b = private._train(0, private.initial, None, round_=0)
+    assert _update_norm(plain.initial.adapter, a.adapter) > 0.05
+    assert _update_norm(private.initial.adapter, b.adapter) == pytest.approx(0.05, rel=1e-4)

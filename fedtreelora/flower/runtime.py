@@ -90,9 +90,11 @@ class ClientRuntime:
         client = self.client(k)
         with self.lock:
             trainer, initial = self.trainer()
-            trainer.load(start if start is not None else initial, external)
-            info = trainer.train(client.train_idx, client.train_labels, seed=derived_seed(self.config.seed, round_, k))
-            return trainer.state(), info
+            start = start if start is not None else initial
+            trainer.load(start, external)
+            info = trainer.train(client.train_idx, client.train_labels, seed=derived_seed(self.config.seed, round_, k),
+                                 train_head=self.config.warmup_head or round_ >= self.config.warmup_rounds)
+            return trainer.upload(start, seed=derived_seed(self.config.seed, round_, k, 1)), info
 
     def evaluate(self, k: int, state: ClientState, external) -> dict:
         """`Federation._evaluate` for client k: its personalised model on its test split."""
