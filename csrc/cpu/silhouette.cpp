@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "nvtx_range.h"
+#include "op_checks.h"
 #include "silhouette_math.h"
 
 namespace fedtreelora {
@@ -117,11 +118,7 @@ void silhouette_rows(const scalar_t* d, const Partitions& p, int64_t n_layers, i
 at::Tensor silhouette_cpu(const at::Tensor& d, const at::Tensor& labels) {
   NvtxRange range("fedtreelora::silhouette");
   TORCH_CHECK_VALUE(d.device().is_cpu() && labels.device().is_cpu(), "silhouette: d and labels must be CPU tensors");
-  TORCH_CHECK_VALUE(d.dim() == 3 && d.size(1) == d.size(2), "silhouette: d must be [L, N, N], got ", d.sizes());
-  TORCH_CHECK_TYPE(d.is_floating_point(), "silhouette: d must be floating point, got ", d.scalar_type());
-  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "silhouette: labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK_VALUE(labels.dim() == 3 && labels.size(0) == d.size(0) && labels.size(2) == d.size(1),
-                    "silhouette: labels must be [L, M, N] = [", d.size(0), ", M, ", d.size(1), "], got ", labels.sizes());
+  check_silhouette_args(d, labels);
   const int64_t n_layers = d.size(0), n_parts = labels.size(1), n = d.size(1);
   const at::Tensor dc = d.contiguous();
   const Partitions p = compact_partitions(labels.contiguous(), n);

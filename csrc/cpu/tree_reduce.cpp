@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "nvtx_range.h"
+#include "op_checks.h"
 #include "tree_reduce_math.h"
 
 namespace fedtreelora {
@@ -141,27 +142,9 @@ std::tuple<at::Tensor, at::Tensor> tree_reduce_cpu(const at::Tensor& x, const at
   NvtxRange range("fedtreelora::tree_reduce");
   for (const at::Tensor* t : {&x, &layer_offsets, &labels, &weights})
     TORCH_CHECK_VALUE(t->device().is_cpu(), "tree_reduce: x, layer_offsets, labels and weights must be CPU tensors");
-  TORCH_CHECK_VALUE(x.dim() == 2, "tree_reduce: x must be [N, P], got ", x.sizes());
-  TORCH_CHECK_TYPE(x.is_floating_point(), "tree_reduce: x must be floating point, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(layer_offsets.scalar_type() == at::kLong, "tree_reduce: layer_offsets must be int64");
-  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "tree_reduce: labels must be int64");
-  TORCH_CHECK_TYPE(weights.scalar_type() == at::kDouble, "tree_reduce: weights must be float64");
-  TORCH_CHECK_VALUE(n_clusters >= 1, "tree_reduce: n_clusters must be >= 1, got ", n_clusters);
-  const int64_t n = x.size(0), p = x.size(1);
-  TORCH_CHECK_VALUE(layer_offsets.dim() == 1 && layer_offsets.numel() >= 2,
-                    "tree_reduce: layer_offsets must be [L + 1] with L >= 1, got ", layer_offsets.sizes());
-  const int64_t n_layers = layer_offsets.numel() - 1;
-  TORCH_CHECK_VALUE(labels.dim() == 2 && labels.size(0) == n_layers && labels.size(1) == n,
-                    "tree_reduce: labels must be [L, N] = [", n_layers, ", ", n, "], got ", labels.sizes());
-  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.size(0) == n, "tree_reduce: weights must be [N] = [", n, "], got ",
-                    weights.sizes());
-  const at::Tensor off = layer_offsets.contiguous();
-  const int64_t* o = off.data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(o[0] == 0 && o[n_layers] == p, "tree_reduce: layer_offsets must run from 0 to P=", p, ", got ", o[0],
-                    " to ", o[n_layers]);
-  for (int64_t l = 0; l < n_layers; ++l)
-    TORCH_CHECK_VALUE(o[l] < o[l + 1], "tree_reduce: layer_offsets must be strictly increasing, layer ", l, " spans [",
-                      o[l], ", ", o[l + 1], ")");
+  const std::vector<int64_t> offsets = check_tree_reduce_args(x, layer_offsets, labels, weights, n_clusters);
+  const int64_t n = x.size(0), p = x.size(1), n_layers = static_cast<int64_t>(offsets.size()) - 1;
+  const int64_t* o = offsets.data();
 
   const at::Tensor lab = labels.contiguous();
   const at::Tensor w = weights.contiguous();

@@ -14,6 +14,7 @@
 #include <limits>
 
 #include "nvtx_range.h"
+#include "op_checks.h"
 #include "silhouette_math.h"
 
 namespace fedtreelora {
@@ -87,11 +88,7 @@ at::Tensor silhouette_cuda(const at::Tensor& d, const at::Tensor& labels) {
                     "silhouette (CUDA kernel): d and labels must be on one CUDA device, got ", d.device(), " and ",
                     labels.device());
   const c10::cuda::CUDAGuard guard(d.device());
-  TORCH_CHECK_VALUE(d.dim() == 3 && d.size(1) == d.size(2), "silhouette: d must be [L, N, N], got ", d.sizes());
-  TORCH_CHECK_TYPE(d.is_floating_point(), "silhouette: d must be floating point, got ", d.scalar_type());
-  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "silhouette: labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK_VALUE(labels.dim() == 3 && labels.size(0) == d.size(0) && labels.size(2) == d.size(1),
-                    "silhouette: labels must be [L, M, N] = [", d.size(0), ", M, ", d.size(1), "], got ", labels.sizes());
+  check_silhouette_args(d, labels);
   const int64_t n_layers = d.size(0), n_parts = labels.size(1), n = d.size(1);
   at::Tensor out = at::empty({n_layers, n_parts}, d.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;

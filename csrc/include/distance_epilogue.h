@@ -6,28 +6,24 @@
 #include <math.h>
 #include <stdint.h>
 
-#if defined(__CUDACC__)
-#define FEDTREELORA_HOST_DEVICE __host__ __device__
-#else
-#define FEDTREELORA_HOST_DEVICE
-#endif
+#include "host_device.h"
 
 namespace fedtreelora {
 
-FEDTREELORA_HOST_DEVICE inline float square_root(float v) { return sqrtf(v); }
-FEDTREELORA_HOST_DEVICE inline double square_root(double v) { return sqrt(v); }
+FEDTREELORA_HD inline float square_root(float v) { return sqrtf(v); }
+FEDTREELORA_HD inline double square_root(double v) { return sqrt(v); }
 
 // ||a - b|| from ||a||^2, ||b||^2 and <a, b>. Rounding can leave a tiny negative square, which
 // means 0. Written so that NaN passes through (the Python wrapper reports the client at fault).
 template <typename T>
-FEDTREELORA_HOST_DEVICE inline T frobenius_distance(T sq_a, T sq_b, T dot) {
+FEDTREELORA_HD inline T frobenius_distance(T sq_a, T sq_b, T dot) {
   const T sq = (sq_a + sq_b) - T(2) * dot;
   return sq < T(0) ? T(0) : square_root(sq);
 }
 
 // 1 - cos(a, b) in [0, 2]; a zero slice has similarity 0 to any other slice (distance 1).
 template <typename T>
-FEDTREELORA_HOST_DEVICE inline T cosine_distance(T sq_a, T sq_b, T dot) {
+FEDTREELORA_HD inline T cosine_distance(T sq_a, T sq_b, T dot) {
   if (sq_a == T(0) || sq_b == T(0)) return T(1);
   const T d = T(1) - dot / (square_root(sq_a) * square_root(sq_b));
   return d < T(0) ? T(0) : (d > T(2) ? T(2) : d);
@@ -37,7 +33,7 @@ FEDTREELORA_HOST_DEVICE inline T cosine_distance(T sq_a, T sq_b, T dot) {
 // triangle, so the result is symmetric to the bit even where the GEMM's two triangles differ;
 // the diagonal is exactly 0.
 template <typename T>
-FEDTREELORA_HOST_DEVICE inline T pair_distance(const T* gram, int64_t n, int64_t i, int64_t j, bool cosine) {
+FEDTREELORA_HD inline T pair_distance(const T* gram, int64_t n, int64_t i, int64_t j, bool cosine) {
   if (i == j) return T(0);
   const int64_t a = i < j ? i : j;
   const int64_t b = i < j ? j : i;

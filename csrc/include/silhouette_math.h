@@ -4,13 +4,7 @@
 
 #include <cstdint>
 
-#ifndef FEDTREELORA_HD
-#if defined(__CUDACC__)
-#define FEDTREELORA_HD __host__ __device__
-#else
-#define FEDTREELORA_HD
-#endif
-#endif
+#include "host_device.h"
 
 namespace fedtreelora {
 
