@@ -141,23 +141,23 @@ class Federation:
         self.initial = self.trainer.initial_state()
 
     def _check_config(self, resume: bool = False, overwrite: bool = False) -> None:
-        """Never mix two runs in one folder: a finished or killed run is continued (resume) or,
-        on request only, started over (overwrite); a different config is refused."""
+        """Never mix two runs in one folder: a run with other settings is refused; a finished or killed
+        run is continued (resume) or, on request only, started over (overwrite)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / "config.json"
         checkpoints = self.run_dir / "checkpoints"
-        if overwrite and not resume:
-            if checkpoints.exists():
-                shutil.rmtree(checkpoints)
-        elif checkpoints.exists() and not resume:
-            raise RunFolderError(f"run folder {self.run_dir} already holds a run; resume it (--resume) or start it "
-                                  "over (--overwrite), or use another --run-dir")
-        if path.is_file() and not (overwrite and not resume):
+        fresh = overwrite and not resume
+        if path.is_file() and not fresh:
             saved = json.loads(path.read_text())
             if saved != json.loads(json.dumps(self.config.to_dict())):
                 diff = sorted(k for k in saved if saved.get(k) != self.config.to_dict().get(k))
                 raise RunFolderError(f"run folder {self.run_dir} holds a run with another config (differs in {diff}); "
-                                 "use another --run-dir or the same settings")
+                                     "use another --run-dir, the same settings, or --overwrite")
+        if checkpoints.exists() and not resume:
+            if not fresh:
+                raise RunFolderError(f"run folder {self.run_dir} already holds a run; resume it (--resume) or start it "
+                                     "over (--overwrite), or use another --run-dir")
+            shutil.rmtree(checkpoints)
         _write_json(path, self.config.to_dict())
 
     def _bar(self, total: int, desc: str):

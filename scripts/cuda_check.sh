@@ -154,7 +154,10 @@ for op in ops_names:
 if missing:
     raise SystemExit(f"cuda-check: FAILED: no CUDA kernel registered for {', '.join(missing)}")
 PY
-say "CPU test suite against the CUDA build"
+# The suites that exercise the native library (the ops, and the tree and aggregate built on them);
+# the federated and Flower suites train models and gain nothing from another build.
+CUDA_CHECK_TESTS=${CUDA_CHECK_TESTS:-"tests/test_build.py tests/test_compile.py tests/test_fuzz_ops.py tests/test_layer_distances.py tests/test_linkage.py tests/test_cut_tree.py tests/test_silhouette.py tests/test_tree_reduce.py tests/test_tree.py tests/test_aggregate.py"}
+say "CPU tests of the native ops against the CUDA build"
 # shellcheck disable=SC2086
-"$PY" -m pytest -q -m "not slow" -p no:cacheprovider ${PYTEST_ARGS:-} tests
+"$PY" -m pytest -q -m "not slow" -p no:cacheprovider ${PYTEST_ARGS:-} $CUDA_CHECK_TESTS
 say "OK: ${compiled} .cu file(s) warning-free under nvcc, CUDA build loads with all 5 ops registered for CUDA, CPU tests pass on it (torch $TORCH_VERSION, nvcc $CUDA_VERSION)"

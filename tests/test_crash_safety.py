@@ -116,8 +116,10 @@ def test_an_existing_run_is_never_overwritten_without_asking(model_path, tmp_pat
     torch.set_num_threads(1)
     cfg = _one_round_run(model_path, tmp_path)
     before = (tmp_path / "metrics.json").read_text()
-    with pytest.raises(RunFolderError, match="--overwrite"):
+    with pytest.raises(RunFolderError, match="already holds a run"):
         run_experiment(cfg, ["local"], tmp_path, dataset=tiny_dataset(), progress=False)
+    with pytest.raises(RunFolderError, match="another config"):
+        run_experiment(cfg.replace(lr=0.5), ["local"], tmp_path, dataset=tiny_dataset(), progress=False)
     assert (tmp_path / "metrics.json").read_text() == before
     run_experiment(cfg.replace(lr=0.5), ["local"], tmp_path, dataset=tiny_dataset(), progress=False, overwrite=True)
     assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.5
@@ -130,4 +132,4 @@ def test_simulate_command_refuses_an_existing_run(model_path, tmp_path, capsys):
     _one_round_run(model_path, tmp_path)
     code = main(["simulate", "--run-dir", str(tmp_path), "--no-progress", "--methods", "local",
                  "--set", f"model={model_path}"])
-    assert code == 2 and "already holds a run" in capsys.readouterr().err
+    assert code == 2 and "holds a run" in capsys.readouterr().err
