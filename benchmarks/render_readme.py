@@ -1,0 +1,58 @@
+"""Write the benchmark tables of README.md from benchmarks/results/*.json (between BENCHMARKS markers).
+
+    python benchmarks/render_readme.py
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BEGIN, END = "<!-- BENCHMARKS -->", "<!-- /BENCHMARKS -->"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def section() -> str:
+    parts = ["## Benchmarks", "",
+             "Measured by the scripts in `benchmarks/` (ours and the plain stack a user would write, same process, "
+             "same inputs; results in `benchmarks/results/`). Targets from the design; a NO is a target not met.", ""]
+    ops = _load("ops.json")
+    if ops:
+        parts += [f"`python benchmarks/bench_ops.py` ({ops['device']}, {ops['cpu_count']} cores, {ops['threads']} threads, "
+                  f"torch {ops['torch']}):", "", ops["table"], ""]
+        parts += [f"- {r['op']}: {r['notes']}" for r in ops["rows"]] + [""]
+    agg = _load("aggregate.json")
+    if agg:
+        parts += [f"`python benchmarks/bench_aggregate.py` ({agg['threads']} threads):", "", agg["table"], ""]
+        parts += [f"- {r['step']}: {r['notes']}" for r in agg["rows"]] + [""]
+    cuda = _load("ops_cuda.json")
+    parts += (["`python benchmarks/bench_ops.py --device cuda` on " + cuda["device"] + ":", "", cuda["table"], ""] if cuda else
+              ["GPU figures (tree_reduce against the copy bandwidth): not measured yet; `benchmarks/gpu_check.sh` "
+               "produces them on a GPU machine.", ""])
+    fed = RESULTS / "federated.md"
+    if fed.is_file():
+        parts += ["`python benchmarks/bench_federated.py`:", "", fed.read_text().strip(), ""]
+    return "\n".join(parts)
+
+
+def main() -> int:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if BEGIN not in text:
+        print(f"README.md has no {BEGIN} marker", file=sys.stderr)
+        return 1
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1] if END in rest else rest
+    readme.write_text(f"{head}{BEGIN}\n{section()}\n{END}{tail}")
+    print("README.md benchmark section updated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
