@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup build demo test test-all test-fast install-check cuda-check cmake-check bench clean
+.PHONY: setup build demo test test-all test-fast install-check aot-check cuda-check cmake-check bench clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,10 +38,15 @@ test-all: build
 	$(MAKE) install-check
 	$(MAKE) cuda-check
 	$(MAKE) cmake-check
+	$(MAKE) aot-check
 
 # A non-editable install ships csrc/ inside the package and JIT-builds from it, from another folder.
 install-check: setup
 	bash scripts/install_check.sh $(PY)
+
+# FEDTREELORA_BUILD_EXT=1 pip install: the extension compiled ahead of time and loaded without JIT.
+aot-check: setup
+	bash scripts/aot_check.sh $(PY)
 
 # Compile every .cu for sm_80 and sm_90 with warnings as errors, build the CUDA extension against a
 # CUDA build of torch, check each op has a CUDA kernel, run the CPU tests on that build.
@@ -53,6 +58,8 @@ cmake-check: setup
 
 bench: build
 	$(PY) benchmarks/bench_ops.py
+	$(PY) benchmarks/bench_aggregate.py
+	$(PY) benchmarks/render_readme.py
 
 clean:
 	rm -rf build dist *.egg-info cmake-build .pytest_cache

@@ -7,6 +7,7 @@ build of torch are present); `fedtreelora/_build.py` loads that one first when i
 """
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -35,6 +36,7 @@ def ahead_of_time_extensions():
     import importlib.util
     spec = importlib.util.spec_from_file_location("_ftl_build", ROOT / "fedtreelora" / "_build.py")
     build = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = build  # dataclasses look their module up there
     spec.loader.exec_module(build)
     plan = build.build_plan(CSRC)
     kind = cpp_extension.CUDAExtension if plan.with_cuda else cpp_extension.CppExtension

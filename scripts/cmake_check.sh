@@ -5,6 +5,7 @@
 # Usage: scripts/cmake_check.sh [python] [extra cmake arguments, e.g. -DFEDTREELORA_WITH_CUDA=ON]
 set -euo pipefail
 PY=${1:-python3}
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # the script changes folder
 shift || true
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUILD=${FEDTREELORA_CMAKE_BUILD_DIR:-$ROOT/cmake-build}

@@ -3,6 +3,7 @@
 # processes importing at once with an empty cache both succeed and share one build (the file lock).
 set -euo pipefail
 PY=${1:-python3}
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # the script changes folder
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
