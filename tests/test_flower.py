@@ -1,7 +1,8 @@
 """FedTreeLoRA on Flower: wire format and app config (fast), then three federations through Flower:
 the simulation engine against the in-process run, an injected client failure, and a real SuperLink
 with two SuperNodes on 127.0.0.1 driven by `flwr run`. The last three start Ray or Flower processes
-(a minute or more each on 2 cores) and are marked slow.
+(a minute or more each on 2 cores); the deployment test runs in CI (`make test`), the two Ray ones
+are marked slow (`make test-all`).
 """
 from __future__ import annotations
 
@@ -316,7 +317,6 @@ def _stop(processes):
             os.killpg(proc.pid, 9)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_deployment_superlink_and_two_supernodes(tiny_model, tmp_path, child_env):
     link_port, *node_ports = _free_ports(3)
