@@ -140,7 +140,14 @@ def _best_silhouette_cut(z, d: torch.Tensor, candidates: list[int], tau: float |
     return best, ops.cut_tree(z, torch.tensor([best], dtype=torch.int64))[0].numpy()
 
 
-class FlatClusters(_Segmented):
+class _OnePartition(_Segmented):
+    """Methods that decide one partition of the clients (`self.partition`) and use it at every layer."""
+
+    def layer_labels(self, n_layers, n):
+        return np.tile(self.partition, (n_layers, 1))
+
+
+class FlatClusters(_OnePartition):
     name, description = "flat", "FedLEASE-style flat clustering: one partition (best silhouette) for all layers"
 
     def setup(self, warm_states, weights, config, groups):
@@ -149,11 +156,8 @@ class FlatClusters(_Segmented):
         self.partition = _best_silhouette_cut(z, mean, list(range(2, n)), None)[1] if n > 2 else np.zeros(n, dtype=np.int64)
         super().setup(warm_states, weights, config, groups)
 
-    def layer_labels(self, n_layers, n):
-        return np.tile(self.partition, (n_layers, 1))
 
-
-class FixedClusters(_Segmented):
+class FixedClusters(_OnePartition):
     name, description = "ablation-fixed", "ablation: the global tree cut into `fixed_clusters` clusters at every layer, with experts"
     mixing = True
 
@@ -162,9 +166,6 @@ class FixedClusters(_Segmented):
         c = min(max(config.fixed_clusters, 1), len(warm_states))
         self.partition = ops.cut_tree(z, torch.tensor([c], dtype=torch.int64))[0].numpy()
         super().setup(warm_states, weights, config, groups)
-
-    def layer_labels(self, n_layers, n):
-        return np.tile(self.partition, (n_layers, 1))
 
 
 class PerLayerClusters(_Segmented):
