@@ -75,7 +75,11 @@ class LocalTrainer:
 
     def _batch(self, idx: np.ndarray, labels: np.ndarray):
         index = torch.as_tensor(idx, dtype=torch.long)
-        batch = {k: v[index].to(self.device) for k, v in self.features.items()}
+        batch = {k: v[index] for k, v in self.features.items()}
+        if "attention_mask" in batch:   # drop the columns that are padding in every row (either side)
+            keep = batch["attention_mask"].bool().any(0)
+            batch = {k: v[:, keep] for k, v in batch.items()}
+        batch = {k: v.to(self.device) for k, v in batch.items()}
         return batch, torch.as_tensor(labels, dtype=torch.long, device=self.device)
 
     def train(self, train_idx: np.ndarray, train_labels: np.ndarray, seed: int, train_head: bool = True) -> dict:

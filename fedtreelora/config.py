@@ -32,6 +32,7 @@ class ExperimentConfig:
     dataset_split: str = _f("train", "split of an HF dataset to partition")
     num_clients: int = _f(8, "number of clients")
     num_groups: int = _f(2, "planted task groups; group g>0 sees the labels permuted (conflicting tasks); 1 = Dirichlet only")
+    classes_per_group: int = _f(0, "classes a planted group draws its documents from (consecutive, cyclic, groups offset; 0 = all)")
     dirichlet_alpha: float = _f(1.0, "Dirichlet concentration of each client's label mix (smaller = more skew)")
     samples_per_client: int = _f(150, "documents per client")
     train_fraction: float = _f(2 / 3, "fraction of a client's documents used for training, the rest is its test split")
@@ -106,7 +107,7 @@ class ExperimentConfig:
         for name in ("num_clients", "num_groups", "samples_per_client", "lora_r", "batch_size", "max_length"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"config {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_rounds", "rounds", "local_steps", "warmup_steps"):
+        for name in ("warmup_rounds", "rounds", "local_steps", "warmup_steps", "classes_per_group"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"config {name} must be >= 0, got {getattr(self, name)}")
         if self.num_groups > self.num_clients:

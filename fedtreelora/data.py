@@ -5,7 +5,8 @@
   article is reduced to its headline plus first sentence.
 - `load_hf_dataset()`: any HF dataset, from a `save_to_disk` folder or by hub name (needs `datasets`).
 - `partition()`: clients with Dirichlet label skew, optionally in planted task groups whose labels
-  conflict (group g > 0 sees the labels through a fixed permutation).
+  conflict (group g > 0 sees the labels through a fixed permutation) and, optionally, whose
+  documents come from a group-specific subset of the classes (different tasks see different inputs).
 """
 from __future__ import annotations
 
@@ -129,11 +130,24 @@ def group_permutation(group: int, num_labels: int) -> np.ndarray:
     return (np.arange(num_labels) + group) % num_labels
 
 
+def group_classes(group: int, num_groups: int, classes: list[int], per_group: int) -> list[int]:
+    """Classes a group draws its documents from: `per_group` consecutive classes (cyclically) starting
+    at group * (len(classes) // num_groups), so groups overlap as little as the counts allow;
+    every class when per_group is 0 or covers them all."""
+    k = len(classes)
+    if per_group <= 0 or per_group >= k:
+        return list(classes)
+    start = group * max(k // num_groups, 1)
+    return [classes[(start + j) % k] for j in range(per_group)]
+
+
 def partition(labels: np.ndarray, num_clients: int, samples_per_client: int, *, num_groups: int = 1,
-              alpha: float = 1.0, train_fraction: float = 2 / 3, seed: int = 0) -> list[ClientData]:
+              alpha: float = 1.0, train_fraction: float = 2 / 3, seed: int = 0,
+              classes_per_group: int = 0) -> list[ClientData]:
     """Split documents over clients.
 
-    Each client draws a label mix p ~ Dirichlet(alpha) and `samples_per_client` documents with
+    Each client draws a label mix p ~ Dirichlet(alpha) over its group's classes (`group_classes`:
+    all of them unless `classes_per_group` > 0) and `samples_per_client` documents with
     class counts ~ Multinomial(p), without replacement from a shared shuffled pool per class (a pool
     is refilled, without the client's own documents, only once it runs dry: a client never holds a
     document twice). Clients are assigned round-robin to `num_groups`
@@ -148,6 +162,8 @@ def partition(labels: np.ndarray, num_clients: int, samples_per_client: int, *, 
         raise ValueError(f"num_groups must lie in [1, num_clients={num_clients}], got {num_groups}")
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
+    if classes_per_group < 0:
+        raise ValueError(f"classes_per_group must be >= 0 (0 = every class), got {classes_per_group}")
     num_labels = int(labels.max()) + 1
     rng = np.random.default_rng(seed)
     classes = [c for c in range(num_labels) if np.any(labels == c)]
@@ -157,9 +173,10 @@ def partition(labels: np.ndarray, num_clients: int, samples_per_client: int, *, 
     clients = []
     for k in range(num_clients):
         group = k % num_groups
-        counts = rng.multinomial(samples_per_client, rng.dirichlet([alpha] * len(classes)))
+        own = group_classes(group, num_groups, classes, classes_per_group)
+        counts = rng.multinomial(samples_per_client, rng.dirichlet([alpha] * len(own)))
         idx = []
-        for c, count in zip(classes, counts):
+        for c, count in zip(own, counts):
             taken = set()
             for _ in range(count):
                 if not pools[c]:   # refill with the class's documents this client does not hold yet

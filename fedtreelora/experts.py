@@ -7,34 +7,20 @@ else; both come from one `fedtreelora.ops.tree_reduce` call on the packed [N, P]
 """
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import torch
 
-from . import ops
-
-_LAYER = re.compile(r"\.(\d+)\.")
-
-
-def layer_index(key: str) -> int | None:
-    """Transformer layer of a LoRA key ('...layer.3.attention...lora_A.weight' -> 3); None for other keys."""
-    if "lora_" not in key:
-        return None
-    match = _LAYER.search(key)
-    return int(match.group(1)) if match else None
+from . import adapters, ops
 
 
 def layer_keys(state: dict[str, torch.Tensor]) -> tuple[list[list[str]], list[str]]:
-    """(keys of each layer, shallow to deep; keys outside any layer, e.g. the classification head)."""
-    by_layer: dict[int, list[str]] = {}
-    other = []
-    for key in state:
-        layer = layer_index(key)
-        (by_layer.setdefault(layer, []) if layer is not None else other).append(key)
-    if not by_layer:
-        raise ValueError("the state dict has no LoRA keys of a numbered layer")
-    return [sorted(by_layer[l]) for l in sorted(by_layer)], sorted(other)
+    """(keys of each transformer layer, shallow to deep; keys outside any layer, e.g. the head),
+    as `adapters.parse_layout` (the library's PEFT key parser) lays them out."""
+    layout = adapters.parse_layout([state])
+    starts = layout.layer_offsets.tolist()
+    layers = [[key for key, (lo, _) in zip(layout.keys, layout.columns) if starts[l] <= lo < starts[l + 1]]
+              for l in range(len(layout.layers))]
+    return [sorted(seg) for seg in layers], sorted(layout.head_keys)
 
 
 def pack(states: list[dict[str, torch.Tensor]], segments: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +36,11 @@ def pack(states: list[dict[str, torch.Tensor]], segments: list[list[str]]) -> tu
 
 
 def b_distances(states: list[dict[str, torch.Tensor]], metric: str = "frobenius") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer [L, N, N] and mean [N, N] distances between the clients' B factors (DESIGN.md step 2)."""
-    layers, _ = layer_keys(states[0])
-    x, offsets = pack(states, [[k for k in seg if "lora_B" in k] for seg in layers])
-    return ops.layer_distances(x, offsets, metric=metric)
+    """Per-layer [L, N, N] and mean [N, N] distances between the clients' B factors (DESIGN.md step 2),
+    on the same columns as `build_tree`."""
+    layout = adapters.parse_layout(states).b_layout()
+    x = adapters.pack(states, layout).float().cpu()
+    return ops.layer_distances(x, layout.layer_offsets, metric=metric)
 
 
 def group_experts(states: list[dict[str, torch.Tensor]], segments: list[list[str]], labels, weights):

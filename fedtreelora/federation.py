@@ -130,7 +130,7 @@ class Federation:
             torch.set_num_threads(config.num_threads)
         self.dataset = dataset if dataset is not None else load_dataset_for(config)
         self.clients = partition(self.dataset.labels, config.num_clients, config.samples_per_client,
-                                 num_groups=config.num_groups, alpha=config.dirichlet_alpha,
+                                 num_groups=config.num_groups, alpha=config.dirichlet_alpha, classes_per_group=config.classes_per_group,
                                  train_fraction=config.train_fraction, seed=config.seed)
         self.groups = np.array([c.group for c in self.clients])
         self.weights = np.array([c.num_train for c in self.clients], dtype=np.float64)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from . import ops
+from .adapters import is_b_factor
 from .experts import b_distances, group_experts, layer_keys
 
 Experts = list[tuple[dict, "dict | None"]]
@@ -104,8 +105,8 @@ class FedSA(_Segmented):
         return np.tile(np.arange(n), (n_layers, 1))
 
     def segments_and_labels(self):
-        a_keys = [k for seg in self.layers for k in seg if "lora_A" in k]
-        own = [k for seg in self.layers for k in seg if "lora_A" not in k] + self.head
+        a_keys = [k for seg in self.layers for k in seg if not is_b_factor(k)]
+        own = [k for seg in self.layers for k in seg if is_b_factor(k)] + self.head
         n = self.labels.shape[1]
         return [a_keys, own], np.stack([np.zeros(n, dtype=np.int64), np.arange(n)])
 

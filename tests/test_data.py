@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fedtreelora.data import TextDataset, group_permutation, load_bbcnews, load_hf_dataset, partition
+from fedtreelora.data import TextDataset, group_classes, group_permutation, load_bbcnews, load_hf_dataset, partition
 
 
 def test_bbcnews_offline_corpus():
@@ -35,6 +35,29 @@ def test_partition_sizes_disjoint_splits_and_group_labels(num_clients, groups, p
     if num_clients * per_client <= 60:
         all_idx = np.concatenate([np.concatenate([c.train_idx, c.test_idx]) for c in clients])
         assert len(set(all_idx.tolist())) == len(all_idx)
+
+
+def test_group_classes_are_offset_subsets():
+    assert group_classes(0, 2, [0, 1, 2, 3, 4], 3) == [0, 1, 2]
+    assert group_classes(1, 2, [0, 1, 2, 3, 4], 3) == [2, 3, 4]
+    assert group_classes(2, 3, [0, 1, 2, 3, 4], 4) == [2, 3, 4, 0]
+    assert group_classes(1, 2, [0, 1, 2, 3, 4], 0) == [0, 1, 2, 3, 4]     # 0 = every class
+    assert group_classes(1, 2, [0, 1, 2], 5) == [0, 1, 2]
+
+
+@settings(max_examples=15, deadline=None)
+@given(groups=st.integers(1, 3), per_group=st.integers(0, 5), seed=st.integers(0, 2**31 - 1))
+def test_partition_draws_each_group_from_its_classes(groups, per_group, seed):
+    labels = np.random.default_rng(seed).integers(0, 5, 2000)
+    clients = partition(labels, 6, 60, num_groups=groups, alpha=1.0, seed=seed, classes_per_group=per_group)
+    for c in clients:
+        allowed = set(group_classes(c.group, groups, list(range(5)), per_group))
+        true = labels[np.concatenate([c.train_idx, c.test_idx])]
+        assert set(true.tolist()) <= allowed
+        perm = group_permutation(c.group, 5)
+        np.testing.assert_array_equal(c.train_labels, perm[labels[c.train_idx]])
+    with pytest.raises(ValueError, match="classes_per_group"):
+        partition(labels, 2, 10, classes_per_group=-1)
 
 
 def _mean_tv_to_global(clients, labels):

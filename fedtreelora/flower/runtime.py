@@ -47,7 +47,7 @@ class ClientRuntime:
         self.config = config
         self.dataset = dataset
         self.clients = partition(dataset.labels, config.num_clients, config.samples_per_client,
-                                 num_groups=config.num_groups, alpha=config.dirichlet_alpha,
+                                 num_groups=config.num_groups, alpha=config.dirichlet_alpha, classes_per_group=config.classes_per_group,
                                  train_fraction=config.train_fraction, seed=config.seed)
         self.lock = threading.Lock()     # one model per process: one client at a time
         self._trainer = None
