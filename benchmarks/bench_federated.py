@@ -4,7 +4,10 @@
 
 Writes benchmarks/results/federated.json (per setting, method and seed: mean/std client accuracy,
 wall time) and federated.md (mean over seeds +- std over seeds of the mean client accuracy), and
-prints the table. Long: about (#methods x 1.5 min + warm-up) per setting and seed on 2 CPU cores.
+prints the table. A run replaces only the settings it ran (read-merge-write under a file lock), so
+the two settings can run as two processes side by side (`--settings planted-groups --threads 1` and
+`--settings dirichlet-only --threads 1` on 2 cores). Long: about (#methods x 1 min + warm-up) per
+setting and seed on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -20,21 +23,48 @@ from fedtreelora.federation import run_experiment
 from fedtreelora.methods import METHODS
 
 SETTINGS = {
-    "planted-groups": {"num_groups": 2},
-    "dirichlet-only": {"num_groups": 1},
+    "planted-groups": {"num_groups": 2, "classes_per_group": 3},
+    "dirichlet-only": {"num_groups": 1, "classes_per_group": 0},
 }
 
 
 def markdown(results: dict) -> str:
     lines = []
-    for setting, by_method in results.items():
-        lines += [f"\n**{setting}** (mean client accuracy, mean ± std over seeds)\n",
-                  "| method | accuracy (%) | seeds | wall per run (s) |", "|---|---:|---:|---:|"]
+    for setting in [s for s in SETTINGS if s in results]:
+        by_method = results[setting]
+        lines += [f"\n**{setting}** ({json.dumps(SETTINGS[setting])}; mean client accuracy, mean ± std over seeds)\n",
+                  "| method | accuracy (%) | seeds | deepest cut vs planted groups (ARI) | wall per run (s) |",
+                  "|---|---:|---:|---:|---:|"]
         for name, runs in by_method.items():
             acc = np.array([r["mean_accuracy"] for r in runs]) * 100
             wall = np.mean([r["wall_s"] for r in runs])
-            lines.append(f"| {name} | {acc.mean():.1f} ± {acc.std():.1f} | {len(runs)} | {wall:.0f} |")
+            aris = [r.get("deepest_ari") for r in runs]
+            ari = "-" if any(a is None for a in aris) else " / ".join(f"{a:.2f}" for a in aris)
+            lines.append(f"| {name} | {acc.mean():.1f} ± {acc.std():.1f} | {len(runs)} | {ari} | {wall:.0f} |")
     return "\n".join(lines).strip() + "\n"
+
+
+def deepest_ari(method_state: dict, groups: list[int]) -> float | None:
+    """Adjusted Rand index of the method's deepest-layer partition against the planted groups."""
+    from sklearn.metrics import adjusted_rand_score
+    labels = method_state.get("labels")
+    if not labels or len(set(groups)) < 2:
+        return None
+    return float(adjusted_rand_score(groups, labels[-1]))
+
+
+def save(json_path: Path, base: ExperimentConfig, results: dict, wall_s: float) -> dict:
+    """Merge this run's settings into federated.json (other settings' results are kept)."""
+    from filelock import FileLock
+    with FileLock(str(json_path) + ".lock"):
+        old = json.loads(json_path.read_text()) if json_path.is_file() else {}
+        merged = {"config": base.to_dict(), "settings": SETTINGS,
+                  "results": {**old.get("results", {}), **results},
+                  "wall_s": {**old.get("wall_s", {}), **{s: wall_s for s in results}}}
+        tmp = json_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(merged, indent=1))
+        tmp.replace(json_path)
+    return merged
 
 
 def main(argv=None) -> int:
@@ -45,8 +75,11 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="YAML/JSON base settings (as for `fedtreelora simulate`)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--run-root", default="runs/bench_federated")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads of this process (0 = torch's default)")
     args = parser.parse_args(argv)
     base = ExperimentConfig.from_file(args.config) if args.config else ExperimentConfig()
+    if args.threads:
+        base = base.replace(num_threads=args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "federated.json"
@@ -61,11 +94,11 @@ def main(argv=None) -> int:
                 results[setting][name].append({"seed": seed, "mean_accuracy": r["mean_accuracy"],
                                                "std_accuracy": r["std_accuracy"], "wall_s": r["wall_s"],
                                                "warmup_wall_s": summary["warmup_wall_s"],
-                                               "n_clusters": r["method_state"].get("n_clusters")})
+                                               "n_clusters": r["method_state"].get("n_clusters"),
+                                               "deepest_ari": deepest_ari(r["method_state"], summary["groups"])})
             # written after every seed so a long run leaves what it measured
-            json_path.write_text(json.dumps({"config": base.to_dict(), "settings": SETTINGS, "results": results,
-                                             "total_wall_s": time.perf_counter() - started}, indent=1))
-    table = markdown(results)
+            merged = save(json_path, base, results, time.perf_counter() - started)
+    table = markdown(merged["results"])
     (out / "federated.md").write_text(table)
     print(table)
     return 0

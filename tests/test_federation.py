@@ -95,6 +95,30 @@ def test_run_folder_with_other_config_is_refused(model_path, tmp_path):
         run_experiment(cfg, ["nope"], tmp_path, dataset=tiny_dataset(), progress=False)
 
 
+@pytest.fixture(scope="module")
+def pretrained_path(tmp_path_factory):
+    from tiny_models import pretrain_tiny_bert
+    return pretrain_tiny_bert(save_tiny_bert(tmp_path_factory.mktemp("bert_pre")), tiny_dataset())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tree_recovers_planted_groups_tiny_model(pretrained_path, tmp_path, seed):
+    """Real local training of a tiny pre-trained BERT: 6 clients in 2 groups that draw from different
+    topics and see permuted labels. The tree built from their B factors after warm-up splits exactly
+    into the planted groups (top split), and its deepest cut never mixes them."""
+    import fedtreelora as ftl
+    from sklearn.metrics import adjusted_rand_score
+    cfg = tiny_config(pretrained_path, num_clients=6, classes_per_group=2, local_steps=4, seed=seed)
+    fed = Federation(cfg, tmp_path, dataset=tiny_dataset(), progress=False)
+    warm, _ = fed.warmup()
+    tree = ftl.build_tree([s.adapter for s in warm], config=ftl.TreeConfig())
+    top = ftl.ops.cut_tree(torch.as_tensor(tree.linkage), torch.tensor([2]))[0].numpy()
+    assert adjusted_rand_score(fed.groups, top) == 1.0, (top, fed.groups)
+    deepest = np.asarray(tree.labels)[-1]
+    for c in set(deepest.tolist()):
+        assert len(set(fed.groups[deepest == c].tolist())) == 1, (deepest, fed.groups)
+
+
 @pytest.mark.slow
 def test_tree_recovers_planted_groups_from_real_training(tmp_path):
     """The default setting (MiniLM, BBC News, 8 clients in 2 label-permuted groups): after the shared
