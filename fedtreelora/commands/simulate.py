@@ -1,8 +1,8 @@
 """Run the federated experiment in-process: a shared warm-up, then every method, on one data split.
 
 With no arguments: all-MiniLM-L6-v2 (offline package) on BBC News (offline package), 8 clients in 2
-planted groups with conflicting labels and Dirichlet(1.0) label skew, LoRA r=4 on query/value plus
-the head, 2 warm-up + 3 federated rounds of 8 steps at batch 16. Prints a table and writes the run
+planted groups (different topics, conflicting labels) with Dirichlet(1.0) label skew, LoRA r=4 on
+query/value plus the head, 2 warm-up + 2 federated rounds of 8 steps at batch 16. Prints a table and writes the run
 folder: metrics.json, table.md, accuracy.png, tree.json, tree.png, config.json, checkpoints/.
 """
 from __future__ import annotations
