@@ -153,6 +153,24 @@ def test_non_contiguous_inputs_and_2d_form():
     assert torch.equal(two_d, ops.silhouette(d.contiguous(), labels.contiguous())[0])
 
 
+def test_nested_crossing_and_singleton_partitions_in_one_batch():
+    """The kernel sums per class of the partitions' common refinement: nested cuts of one tree
+    (few classes), partitions that cross each other, and an all-singletons-but-one partition
+    (as many classes as clients) in one batch all equal sklearn."""
+    from scipy.cluster.hierarchy import cut_tree, linkage
+    from scipy.spatial.distance import squareform
+    rng = np.random.default_rng(7)
+    n = 40
+    d = random_distances(rng, 2, n, "points")
+    z = linkage(squareform(d[0], checks=False), "average")
+    nested = cut_tree(z, n_clusters=[2, 3, 5, 9]).T
+    crossing = np.stack([np.arange(n) % 3, np.arange(n) // 14, rng.integers(0, 6, n)])
+    fine = np.arange(n)[None].copy()
+    fine[0, 1] = 0
+    labels = np.concatenate([nested, crossing, fine])[None].repeat(2, 0)
+    assert_matches_sklearn(torch.from_numpy(d), torch.from_numpy(np.ascontiguousarray(labels)))
+
+
 def test_result_does_not_depend_on_thread_count():
     rng = np.random.default_rng(2)
     d = torch.from_numpy(random_distances(rng, 3, 90, "points"))
@@ -195,6 +213,12 @@ def test_wrapper_rejects_bad_input():
     bad[1, 2, 3] = float("nan")
     with pytest.raises(ValueError, match=r"d has a NaN or Inf entry at layer 1, \[2, 3\]"):
         ops.silhouette(bad, labels)
+    bad[0, 3, 0] = float("-inf")      # the first bad entry is reported, whatever the partitions are
+    for lab in (labels, torch.zeros(2, 0, 4, dtype=torch.int64), torch.tensor([0, 1, 0, 1]).repeat(2, 1, 1)):
+        with pytest.raises(ValueError, match=r"d has a NaN or Inf entry at layer 0, \[3, 0\]"):
+            ops.silhouette(bad, lab)
+        with pytest.raises(ValueError, match=r"d has a NaN or Inf entry at layer 0, \[3, 0\]"):
+            ops.silhouette(bad.half(), lab)
 
 
 @pytest.mark.skipif(not ops.native_available(), reason="the native core is not loaded")
@@ -210,3 +234,7 @@ def test_kernel_rejects_bad_input():
         kernel(torch.rand(4, 4), torch.zeros(1, 1, 4, dtype=torch.int64))
     with pytest.raises(TypeError, match="labels must be int64"):
         kernel(d, torch.zeros(2, 1, 4, dtype=torch.int32))
+    bad = d.clone()
+    bad[1, 0, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"d has a NaN or Inf entry at layer 1, \[0, 3\]"):
+        kernel(bad, torch.tensor([0, 1, 0, 1]).repeat(2, 1, 1))

@@ -1,12 +1,15 @@
 // CPU kernel of fedtreelora::silhouette: the mean silhouette of M partitions under each of L
-// distance matrices. Per client row, one pass sums its distances per cluster (O(N)), then a, b and s
-// follow from those sums; O(M N^2) per layer, accumulated in double.
+// distance matrices. Per client row, one pass sums its distances per class of the partitions' common
+// refinement (O(N)); every partition's cluster sums are sums of those (O(classes)), and a, b and s
+// follow. O(N^2 + M N R) per layer for R refined classes (nested cuts of one tree: R = the finest
+// cut's count), accumulated in double. The same pass checks that d is finite.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -54,19 +57,75 @@ Partitions compact_partitions(const at::Tensor& labels, int64_t n) {
   return p;
 }
 
+// The common refinement of one layer's M partitions: clients with the same label in every partition
+// share a class. A cluster's distance sums are the sums of its classes', so a block of rows is summed
+// once per layer whatever M is.
+struct Refinement {
+  std::vector<int32_t> members;    // [L, N] clients ordered by class
+  std::vector<int64_t> start;      // [L, N + 1] class r's members are members[start[r] : start[r + 1]]
+  std::vector<int64_t> n_classes;  // [L]
+  std::vector<int32_t> cluster;    // [L, M, N] compact cluster in partition m of class r (r < n_classes)
+};
+
+Refinement refine_partitions(const Partitions& p, int64_t n_layers, int64_t n_parts, int64_t n) {
+  Refinement f{std::vector<int32_t>(n_layers * n), std::vector<int64_t>(n_layers * (n + 1), 0),
+               std::vector<int64_t>(n_layers, n > 0 ? 1 : 0), std::vector<int32_t>(n_layers * n_parts * n, 0)};
+  std::vector<int32_t> cls(n), renumber(n), order(n), mark, id;
+  std::vector<int64_t> at;
+  for (int64_t l = 0; l < n_layers; ++l) {
+    std::fill(cls.begin(), cls.end(), 0);
+    int64_t count = n > 0 ? 1 : 0;
+    for (int64_t m = 0; m < n_parts; ++m) {  // split every class by the labels of partition m
+      const int32_t* lab = p.label.data() + (l * n_parts + m) * n;
+      at.assign(count + 1, 0);               // clients ordered by class (counting sort) ...
+      for (int64_t j = 0; j < n; ++j) ++at[cls[j] + 1];
+      for (int64_t r = 0; r < count; ++r) at[r + 1] += at[r];
+      for (int64_t j = 0; j < n; ++j) order[at[cls[j]]++] = static_cast<int32_t>(j);
+      mark.assign(p.n_labels[l * n_parts + m], -1);  // ... so a label is new to a class when its mark
+      id.resize(mark.size());                        // is not that class: O(N + k) memory, not O(N k)
+      int32_t next = 0;
+      for (int64_t t = 0; t < n; ++t) {
+        const int32_t j = order[t], c = cls[j], v = lab[j];
+        if (mark[v] != c) mark[v] = c, id[v] = next++;
+        renumber[j] = id[v];
+      }
+      cls.swap(renumber);
+      count = next;
+    }
+    int64_t* start = f.start.data() + l * (n + 1);
+    for (int64_t j = 0; j < n; ++j) ++start[cls[j] + 1];
+    for (int64_t r = 0; r < count; ++r) start[r + 1] += start[r];
+    std::vector<int64_t> fill(start, start + count);
+    for (int64_t j = 0; j < n; ++j) f.members[l * n + fill[cls[j]]++] = static_cast<int32_t>(j);
+    for (int64_t m = 0; m < n_parts; ++m) {
+      const int32_t* lab = p.label.data() + (l * n_parts + m) * n;
+      for (int64_t j = 0; j < n; ++j) f.cluster[(l * n_parts + m) * n + cls[j]] = lab[j];
+    }
+    f.n_classes[l] = count;
+  }
+  return f;
+}
+
 // Rows are scored in blocks of kRows: the block is transposed once into a [N, kRows] double tile, so
 // that a cluster's sums are kRows running sums over its members' tile rows, kept in registers (no
 // scatter through memory), and every partition of the layer reuses the tile from cache.
 constexpr int64_t kRows = 16;
 
 // tile[j, r] = rows[r, j] for r < n_rows, in 16-column steps so that reads and writes stay in L1.
+// Returns false when a value is NaN or +-Inf (checked here: d is read once).
 template <typename scalar_t>
-void transpose_rows(const scalar_t* __restrict__ rows, int64_t n, int64_t n_rows, double* __restrict__ tile) {
+bool transpose_rows(const scalar_t* __restrict__ rows, int64_t n, int64_t n_rows, double* __restrict__ tile) {
+  bool finite = true;
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t j1 = std::min(n, j0 + 16);
     for (int64_t r = 0; r < n_rows; ++r)
-      for (int64_t j = j0; j < j1; ++j) tile[j * kRows + r] = static_cast<double>(rows[r * n + j]);
+      for (int64_t j = j0; j < j1; ++j) {
+        const double v = static_cast<double>(rows[r * n + j]);
+        finite &= std::isfinite(v);
+        tile[j * kRows + r] = v;
+      }
   }
+  return finite;
 }
 
 // out[r] = sum of tile[j, r] over the given clients j; the sums stay in registers.
@@ -81,26 +140,37 @@ inline void sum_tile_rows(const double* __restrict__ tile, const int32_t* __rest
 }
 
 template <typename scalar_t>
-void silhouette_rows(const scalar_t* d, const Partitions& p, int64_t n_layers, int64_t n_parts, int64_t n,
-                     double* scores /* [L, M, N] */) {
+bool silhouette_rows(const scalar_t* d, const Partitions& p, const Refinement& f, int64_t n_layers, int64_t n_parts,
+                     int64_t n, double* scores /* [L, M, N] */) {
   const int64_t blocks = (n + kRows - 1) / kRows;
+  std::atomic<bool> finite{true};
   at::parallel_for(0, n_layers * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> tile(n * kRows), sums(n * kRows);  // [N, kRows] distances, [clusters, kRows] sums
+    // [N, kRows] distances; [classes, kRows] and [clusters, kRows] sums
+    std::vector<double> tile(n * kRows), class_sums(n * kRows), sums(n * kRows);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t l = item / blocks;
       const int64_t i0 = (item % blocks) * kRows;
       const int64_t rows = std::min(kRows, n - i0);
       // A last, partial block leaves stale values in lanes r >= rows: they are summed but never read.
-      transpose_rows(d + (l * n + i0) * n, n, rows, tile.data());
+      if (!transpose_rows(d + (l * n + i0) * n, n, rows, tile.data())) finite = false;
+      const int64_t n_classes = f.n_classes[l];
+      const int64_t* class_start = f.start.data() + l * (n + 1);
+      for (int64_t r = 0; r < n_classes; ++r)
+        sum_tile_rows(tile.data(), f.members.data() + l * n + class_start[r], class_start[r + 1] - class_start[r],
+                      class_sums.data() + r * kRows);
       for (int64_t m = 0; m < n_parts; ++m) {
         const int64_t q = l * n_parts + m;
         const int64_t k = p.n_labels[q];
         if (!silhouette_defined(k, n)) continue;
         const int32_t* lab = p.label.data() + q * n;
-        const int32_t* members = p.members.data() + q * n;
+        const int32_t* cluster_of = f.cluster.data() + q * n;
         const int64_t* start = p.start.data() + q * (n + 1);
-        for (int64_t c = 0; c < k; ++c)
-          sum_tile_rows(tile.data(), members + start[c], start[c + 1] - start[c], sums.data() + c * kRows);
+        std::fill(sums.begin(), sums.begin() + k * kRows, 0.0);
+        for (int64_t r = 0; r < n_classes; ++r) {
+          double* to = sums.data() + cluster_of[r] * kRows;
+          const double* from = class_sums.data() + r * kRows;
+          for (int64_t lane = 0; lane < kRows; ++lane) to[lane] += from[lane];
+        }
         for (int64_t r = 0; r < rows; ++r) {
           const int32_t own = lab[i0 + r];
           double b = std::numeric_limits<double>::infinity();
@@ -113,6 +183,17 @@ void silhouette_rows(const scalar_t* d, const Partitions& p, int64_t n_layers, i
       }
     }
   });
+  return finite;
+}
+
+// Called only after the pass found a non-finite value: the first one, in [l, i, j] order, for the message.
+template <typename scalar_t>
+void report_nonfinite(const scalar_t* d, int64_t n_layers, int64_t n) {
+  for (int64_t l = 0; l < n_layers; ++l)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j)
+        TORCH_CHECK_VALUE(std::isfinite(static_cast<double>(d[(l * n + i) * n + j])),
+                          "silhouette: d has a NaN or Inf entry at layer ", l, ", [", i, ", ", j, "]");
 }
 
 at::Tensor silhouette_cpu(const at::Tensor& d, const at::Tensor& labels) {
@@ -122,9 +203,11 @@ at::Tensor silhouette_cpu(const at::Tensor& d, const at::Tensor& labels) {
   const int64_t n_layers = d.size(0), n_parts = labels.size(1), n = d.size(1);
   const at::Tensor dc = d.contiguous();
   const Partitions p = compact_partitions(labels.contiguous(), n);
+  const Refinement f = refine_partitions(p, n_layers, n_parts, n);
   std::vector<double> scores(n_layers * n_parts * n, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dc.scalar_type(), "silhouette_cpu", [&] {
-    silhouette_rows(dc.data_ptr<scalar_t>(), p, n_layers, n_parts, n, scores.data());
+    if (!silhouette_rows(dc.data_ptr<scalar_t>(), p, f, n_layers, n_parts, n, scores.data()))
+      report_nonfinite(dc.data_ptr<scalar_t>(), n_layers, n);
   });
   at::Tensor out = at::empty({n_layers, n_parts}, d.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
