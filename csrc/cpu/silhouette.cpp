@@ -21,11 +21,10 @@
 namespace fedtreelora {
 namespace {
 
-// Labels renumbered 0..k-1 per partition (they may be any values in [0, N)), and the clients grouped
-// by cluster (a stable counting sort): cluster c's members are members[start[c] : start[c + 1]].
+// Labels renumbered 0..k-1 per partition (they may be any values in [0, N)), and the cluster sizes as
+// prefix sums: cluster c holds start[c + 1] - start[c] clients.
 struct Partitions {
   std::vector<int32_t> label;     // [L, M, N] compact labels
-  std::vector<int32_t> members;   // [L, M, N] clients ordered by cluster, ascending within one
   std::vector<int64_t> start;     // [L, M, N + 1] (first n_labels + 1 entries used)
   std::vector<int64_t> n_labels;  // [L, M]
 };
@@ -33,8 +32,7 @@ struct Partitions {
 Partitions compact_partitions(const at::Tensor& labels, int64_t n) {
   const int64_t parts = labels.size(0) * labels.size(1);
   const int64_t* raw = labels.data_ptr<int64_t>();
-  Partitions p{std::vector<int32_t>(parts * n), std::vector<int32_t>(parts * n), std::vector<int64_t>(parts * (n + 1), 0),
-               std::vector<int64_t>(parts)};
+  Partitions p{std::vector<int32_t>(parts * n), std::vector<int64_t>(parts * (n + 1), 0), std::vector<int64_t>(parts)};
   std::vector<int32_t> slot(n);
   for (int64_t q = 0; q < parts; ++q) {
     std::fill(slot.begin(), slot.end(), -1);
@@ -50,8 +48,6 @@ Partitions compact_partitions(const at::Tensor& labels, int64_t n) {
       ++start[label[j] + 1];
     }
     for (int32_t c = 0; c < k; ++c) start[c + 1] += start[c];
-    std::vector<int64_t> next(start, start + k);
-    for (int64_t j = 0; j < n; ++j) p.members[q * n + next[label[j]]++] = static_cast<int32_t>(j);
     p.n_labels[q] = k;
   }
   return p;
