@@ -20,7 +20,7 @@ setup: $(VENV)/.installed
 
 # JIT-build the native core now (it is cached); fail if it cannot be built.
 build: setup
-	FEDTREELORA_REQUIRE_NATIVE=1 $(PY) -c "import fedtreelora, sys; print('fedtreelora native core:', fedtreelora.ops._build.native_info()['library'])"
+	FEDTREELORA_REQUIRE_NATIVE=1 $(PY) -c "import fedtreelora; fedtreelora.native_available(); print('fedtreelora native core:', fedtreelora.core.build.native_info()['library'])"
 
 demo: setup
 	$(VENV)/bin/fedtreelora simulate --overwrite

@@ -1,9 +1,9 @@
-"""Packaging: ship the C++/CUDA sources inside the package for the JIT build on first import.
+"""Packaging: ship the C++/CUDA sources inside the package for the JIT build on first use.
 
 `pip install .` copies csrc/ into fedtreelora/csrc so that an installed (non-editable) package
 can build its extension from any folder. Setting FEDTREELORA_BUILD_EXT=1 also compiles the
 extension ahead of time as `fedtreelora._C` (CUDA kernels too when a CUDA toolkit and a CUDA
-build of torch are present); `fedtreelora/_build.py` loads that one first when it exists.
+build of torch are present); `fedtreelora/core/build.py` loads that one first when it exists.
 """
 import os
 import shutil
@@ -34,7 +34,7 @@ def ahead_of_time_extensions():
     from torch.utils import cpp_extension
 
     import importlib.util
-    spec = importlib.util.spec_from_file_location("_ftl_build", ROOT / "fedtreelora" / "_build.py")
+    spec = importlib.util.spec_from_file_location("_ftl_build", ROOT / "fedtreelora" / "core" / "build.py")
     build = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = build  # dataclasses look their module up there
     spec.loader.exec_module(build)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtreelora.config import ExperimentConfig
-from fedtreelora.federation import run_experiment
-from fedtreelora.methods import METHODS
+from fedtreelora.federation.config import ExperimentConfig
+from fedtreelora.federation.schedule import run_experiment
+from fedtreelora.federation.methods import METHODS
 
 SETTINGS = {
     "planted-groups": {"num_groups": 2, "classes_per_group": 3},

@@ -4,15 +4,17 @@
     tree = ftl.build_tree(client_states)            # one global client tree, cut deeper at deeper layers
     res = ftl.aggregate(client_states, tree=tree)   # per client: cluster expert and external expert
 
-The native ops live in `fedtreelora.ops` (torch.ops.fedtreelora.*), JIT-built on first import. The
-federated loop (transformers + PEFT) is in fedtreelora.federation, Flower apps in fedtreelora.flower;
-neither is imported here, so `import fedtreelora` stays light.
+`import fedtreelora` loads the core library only (torch + numpy; `fedtreelora.core`). The native
+ops (`fedtreelora.ops`, torch.ops.fedtreelora.*) are JIT-built on their first call. The federated
+loop (transformers + PEFT) lives in `fedtreelora.federation` and `fedtreelora.client`, the Flower
+apps in `fedtreelora.flower`; none of them is imported here.
 """
-from . import ops
-from .ops import native_available
-from .tree import AggregationTree, TreeConfig, build_tree
-# Imported after its submodule on purpose: the package attribute `aggregate` ends as the function.
-from .aggregate import AggregationResult, aggregate
+import sys as _sys
+
+from .core import AggregationResult, AggregationTree, TreeConfig, aggregate, build_tree, ops
+from .core.ops import native_available
+
+_sys.modules[__name__ + ".ops"] = ops   # `import fedtreelora.ops` names the same module as `fedtreelora.ops`
 
 __version__ = "0.1.0"
 

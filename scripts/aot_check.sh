@@ -13,7 +13,9 @@ cd "$WORK"
 PYTHONPATH="$WORK/site" FEDTREELORA_CACHE_DIR="$WORK/cache" FEDTREELORA_REQUIRE_NATIVE=1 "$PY" - <<'PY'
 import os, torch
 import fedtreelora
-info = fedtreelora.ops._build.native_info()
+assert not fedtreelora.core.build.native_info()["native"], "the native core loaded at import, not at first use"
+fedtreelora.native_available()
+info = fedtreelora.core.build.native_info()
 assert info["library"].endswith("fedtreelora/_C.so") and info["library"].startswith(os.getcwd()), info
 assert not os.path.exists(os.environ["FEDTREELORA_CACHE_DIR"]), "a JIT build ran although the AOT library was there"
 z = fedtreelora.ops.linkage(torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64))

@@ -2,7 +2,7 @@
 # `make cuda-check`: check the CUDA build path on any machine with nvcc, GPU or not (DESIGN.md §6).
 #   1. a separate venv (.venv-cuda) with a CUDA build of torch, whose headers a .cu needs;
 #   2. every csrc/cuda/*.cu compiled on its own for sm_80 and sm_90, warnings as errors;
-#   3. the full JIT build through fedtreelora/_build.py with CUDA forced on, a check that all five
+#   3. the full JIT build through fedtreelora/core/build.py with CUDA forced on, a check that all five
 #      ops have a CUDA kernel registered, and the CPU test suite run against that build.
 # Skips (exit 0) where nvcc is missing. Environment knobs:
 #   PYTHON (python3) to create the venv, CUDA_VENV (.venv-cuda), TORCH_CUDA_PIN (torch==2.14.1),
@@ -141,11 +141,13 @@ say "JIT build with CUDA (cache $FEDTREELORA_CACHE_DIR)"
 import logging
 import torch
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime": known
-import fedtreelora.ops as ops
+import fedtreelora
+from fedtreelora.core import build
 
-info = ops._build.native_info()
+fedtreelora.native_available()
+info = build.native_info()
 assert info["native"], info
-assert ops._build.build_plan().with_cuda, "the build plan left the CUDA sources out"
+assert build.build_plan().with_cuda, "the build plan left the CUDA sources out"
 ops_names = ("layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce")
 missing = [op for op in ops_names if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fedtreelora::{op}", "CUDA")]
 print("cuda-check: built", info["library"])

@@ -13,10 +13,11 @@ cd "$WORK"
 cat > check.py <<'PY'
 import os, sys, torch
 import fedtreelora
-info = fedtreelora.ops._build.native_info()
+fedtreelora.native_available()
+info = fedtreelora.core.build.native_info()
 assert fedtreelora.__file__.startswith(os.getcwd()), f"imported {fedtreelora.__file__}, not the installed copy"
 assert info["native"] and info["library"].startswith(os.environ["FEDTREELORA_CACHE_DIR"]), info
-assert str(fedtreelora.ops._build.source_dir()).startswith(os.getcwd())
+assert str(fedtreelora.core.build.source_dir()).startswith(os.getcwd())
 per_layer, mean = fedtreelora.ops.layer_distances(torch.randn(5, 12), torch.tensor([0, 4, 12]))
 assert per_layer.shape == (2, 5, 5)
 print(info["library"])

@@ -40,29 +40,5 @@ def randomised_state(peft_model, seed: int):
     return {k: torch.randn(v.shape, generator=g).to(v.dtype) for k, v in state.items()}
 
 
-def planted_states(n_layers: int = 6, groups=(1, 1, 2, 2, 4, 4), n_clients: int = 8, r: int = 2, d: int = 8,
-                   separation: float = 5.0, noise: float = 0.1, seed: int = 0, head: bool = True,
-                   dtype=torch.float32):
-    """BERT-like LoRA state dicts where layer l has groups[l] planted groups of equal size (nested).
-
-    Group centres of a layer are orthonormal-ish directions of the same norm, so the structure lies
-    in directions, not norms (clipping keeps it). Returns (states, true labels [L, N])."""
-    g = torch.Generator().manual_seed(seed)
-    states = [dict() for _ in range(n_clients)]
-    truth = torch.zeros(n_layers, n_clients, dtype=torch.int64)
-    for l in range(n_layers):
-        k_groups = groups[l]
-        centres = torch.linalg.qr(torch.randn(d * r, max(k_groups, 1), generator=g))[0].T * separation
-        for k in range(n_clients):
-            grp = k * k_groups // n_clients
-            truth[l, k] = grp
-            prefix = f"base_model.model.bert.encoder.layer.{l}.attention.self"
-            for module in ("query", "value"):
-                b = (centres[grp] if k_groups > 1 else torch.zeros(d * r)).reshape(d, r) + noise * torch.randn(d, r, generator=g)
-                states[k][f"{prefix}.{module}.lora_A.weight"] = torch.randn(r, d, generator=g).to(dtype)
-                states[k][f"{prefix}.{module}.lora_B.weight"] = b.to(dtype)
-    if head:
-        for k in range(n_clients):
-            states[k]["base_model.model.classifier.weight"] = torch.randn(3, d, generator=g).to(dtype)
-            states[k]["base_model.model.classifier.bias"] = torch.randn(3, generator=g).to(dtype)
-    return states, truth
+# Kept in the library (docstring examples and benchmarks use it too); re-exported for the tests.
+from fedtreelora.core.synthetic import planted_states  # noqa: E402,F401

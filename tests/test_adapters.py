@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from fedtreelora import adapters
+from fedtreelora.core import adapters
 from peft_fixtures import planted_states, randomised_state, tiny_peft_model
 
 warnings.filterwarnings("ignore", category=UserWarning)

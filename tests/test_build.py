@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtreelora import _build
+from fedtreelora.core import build as _build
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,8 @@ import warnings, torch
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import fedtreelora
-assert not fedtreelora.native_available()
+    assert not caught, "import fedtreelora must not build anything"
+    assert not fedtreelora.native_available()
 assert any("reference implementation" in str(w.message) for w in caught), [str(w.message) for w in caught]
 per_layer, mean = fedtreelora.ops.layer_distances(torch.eye(3), torch.tensor([0, 3]))
 assert torch.allclose(mean, torch.full((3, 3), 2 ** 0.5) - torch.eye(3) * 2 ** 0.5)
@@ -65,15 +66,26 @@ def test_broken_compiler_falls_back_to_reference_with_one_warning(tmp_path):
 
 
 def test_require_native_turns_a_failed_build_into_an_import_error(tmp_path):
-    proc = _run("import fedtreelora", FEDTREELORA_CACHE_DIR=str(tmp_path), CXX="/bin/false",
-                FEDTREELORA_WITH_CUDA="0", FEDTREELORA_REQUIRE_NATIVE="1")
-    assert proc.returncode != 0
+    proc = _run("import torch, fedtreelora; print('IMPORTED', flush=True); "
+                "fedtreelora.ops.linkage(torch.zeros(2, 2, dtype=torch.float64))",
+                FEDTREELORA_CACHE_DIR=str(tmp_path), CXX="/bin/false", FEDTREELORA_WITH_CUDA="0",
+                FEDTREELORA_REQUIRE_NATIVE="1")
+    assert proc.returncode != 0 and "IMPORTED" in proc.stdout, "the import itself must not build, the first op must"
     assert "ImportError" in proc.stderr and "native core could not be built" in proc.stderr, proc.stderr
+
+
+def test_import_is_light_and_builds_nothing(tmp_path):
+    """`import fedtreelora` loads neither transformers, peft nor flwr, and compiles nothing."""
+    code = ("import sys, fedtreelora; heavy = [m for m in ('transformers', 'peft', 'flwr', 'matplotlib') if m in sys.modules]; "
+            "assert not heavy, heavy; assert not fedtreelora.core.build.native_info()['native']; "
+            "import os; assert not os.listdir(os.environ['FEDTREELORA_CACHE_DIR']); print('LIGHT')")
+    proc = _run(code, FEDTREELORA_CACHE_DIR=str(tmp_path))
+    assert proc.returncode == 0 and "LIGHT" in proc.stdout, proc.stderr
 
 
 def test_disable_native_uses_the_reference():
     proc = _run("import fedtreelora; assert not fedtreelora.native_available(); "
-                "print(fedtreelora.ops._build.native_info()['error'])", FEDTREELORA_DISABLE_NATIVE="1")
+                "print(fedtreelora.core.build.native_info()['error'])", FEDTREELORA_DISABLE_NATIVE="1")
     assert proc.returncode == 0 and "FEDTREELORA_DISABLE_NATIVE" in proc.stdout, proc.stderr
 
 

@@ -8,7 +8,7 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 import fedtreelora as ftl
-from fedtreelora.commands import aggregate as aggregate_command
+from fedtreelora.cli import aggregate as aggregate_command
 from peft_fixtures import tiny_peft_model
 
 warnings.filterwarnings("ignore", category=UserWarning)

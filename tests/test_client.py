@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedtreelora.client import ClientState, LocalTrainer
-from fedtreelora.data import partition
-from fedtreelora.models import add_lora, load_classifier, load_tokenizer, tokenize
+from fedtreelora.client.trainer import ClientState, LocalTrainer
+from fedtreelora.federation.data import partition
+from fedtreelora.client.models import add_lora, load_classifier, load_tokenizer, tokenize
 from tiny_models import save_tiny_bert, tiny_config, tiny_dataset
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fedtreelora
-from fedtreelora import ops, reference
+from fedtreelora.core import ops, reference
 
 pytestmark = pytest.mark.skipif(not fedtreelora.native_available(), reason="needs the native core (fake kernels)")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtreelora.federation import CheckpointError, RunFolderError, load_checkpoint, run_experiment
+from fedtreelora.federation.schedule import CheckpointError, RunFolderError, load_checkpoint, run_experiment
 from tiny_models import save_tiny_bert, tiny_config, tiny_dataset
 
 TESTS = Path(__file__).resolve().parent
@@ -23,7 +23,7 @@ RUN = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
-from fedtreelora.federation import run_experiment
+from fedtreelora.federation.schedule import run_experiment
 from tiny_models import tiny_config, tiny_dataset
 cfg = tiny_config({model!r}, client_fraction=0.5, rounds=3)
 run_experiment(cfg, {methods!r}, {run!r}, dataset=tiny_dataset(), progress=False, resume=True)

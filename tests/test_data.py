@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fedtreelora.data import TextDataset, group_classes, group_permutation, load_bbcnews, load_hf_dataset, partition
+from fedtreelora.federation.data import TextDataset, group_classes, group_permutation, load_bbcnews, load_hf_dataset, partition
 
 
 def test_bbcnews_offline_corpus():

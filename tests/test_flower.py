@@ -22,8 +22,8 @@ import torch
 pytest.importorskip("flwr")
 
 
-from fedtreelora.client import ClientState  # noqa: E402
-from fedtreelora.config import ExperimentConfig  # noqa: E402
+from fedtreelora.client.trainer import ClientState  # noqa: E402
+from fedtreelora.federation.config import ExperimentConfig  # noqa: E402
 from fedtreelora.flower.messages import (client_reply_content, read_client_reply, read_server_content,  # noqa: E402
                                          server_content)
 from fedtreelora.flower.runtime import partition_id, resolve_dataset_fn  # noqa: E402
@@ -158,7 +158,7 @@ def plain_tiny_model(tmp_path_factory):
 def test_dropped_client_is_logged_and_keeps_its_upload(plain_tiny_model, tmp_path, monkeypatch):
     """A client that stops answering (no reply before the round timeout) after warm-up: every round
     still runs, aggregates the others and keeps its warm-up upload; it has no accuracy while silent."""
-    from fedtreelora.federation import load_checkpoint
+    from fedtreelora.federation.schedule import load_checkpoint
     from fedtreelora.flower.client_app import client_app
     from fedtreelora.flower.strategy import PersonalisedStrategy, logger
     from flwr.supercore.task_identity import TaskIdentity
@@ -202,7 +202,7 @@ def _simulate(config, run_dir, mods=None, num_supernodes=4):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_simulation_engine_matches_in_process_run(tiny_model, tmp_path, child_env):
-    from fedtreelora.federation import run_experiment
+    from fedtreelora.federation.schedule import run_experiment
     cfg = tiny_config(tiny_model, dataset="tiny")        # 4 clients in 2 groups, full participation
     local = run_experiment(cfg, [METHOD], tmp_path / "in_process", dataset=tiny_dataset(), progress=False)
     flower = _simulate(cfg, tmp_path / "flower")
@@ -247,7 +247,7 @@ class _Records(logging.Handler):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_failed_client_does_not_stop_the_federation(tiny_model, tmp_path, child_env):
-    from fedtreelora.federation import load_checkpoint
+    from fedtreelora.federation.schedule import load_checkpoint
     from fedtreelora.flower.strategy import logger
     cfg = tiny_config(tiny_model, dataset="tiny")
     records = _Records()

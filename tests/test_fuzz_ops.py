@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from fedtreelora import ops, reference
+from fedtreelora.core import ops, reference
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 CLEAR_ERRORS = (ValueError, TypeError)

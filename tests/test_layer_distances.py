@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from scipy.spatial.distance import cdist
 
 import fedtreelora.ops as ops
-from fedtreelora import reference
+from fedtreelora.core import reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Tolerance on d^2 relative to ||a - mean||^2 + ||b - mean||^2 (frobenius), absolute on d (cosine).

@@ -4,9 +4,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from fedtreelora.config import ExperimentConfig
-from fedtreelora.experts import group_experts, layer_keys
-from fedtreelora.methods import METHODS, make_method
+from fedtreelora.federation.config import ExperimentConfig
+from fedtreelora.core import group_experts
+from fedtreelora.federation.methods import METHODS, make_method
 
 PREFIX = "base_model.model.bert.encoder.layer"
 
@@ -68,26 +68,33 @@ CFG = ExperimentConfig(fixed_clusters=2)
 def test_group_experts_equals_hand_means(n, seed):
     rng = np.random.default_rng(seed)
     states = fake_states(n, seed=seed)
-    layers, head = layer_keys(states[0])
-    labels = rng.integers(0, 3, (len(layers) + 1, n))
+    n_layers = 3
+    labels = rng.integers(0, 3, (n_layers + 1, n))    # one row per layer, the last for the head
     w = rng.uniform(1, 5, n)
-    experts = group_experts(states, layers + [head], labels, w)
-    segment_of = {k: i for i, seg in enumerate(layers + [head]) for k in seg}
-    check_against_hand(states, experts, lambda key: labels[segment_of[key]], w, mixing=True)
+    experts = group_experts(states, labels[:-1], w, head_labels=labels[-1])
+    check_against_hand(states, experts, lambda key: labels[n_layers if layer_of(key) is None else layer_of(key)], w,
+                       mixing=True)
     for k, (_, external) in enumerate(experts):
         everyone = all((labels[s] == labels[s, k]).all() for s in range(len(labels)))
         assert (external is None) == everyone
 
 
 def test_inputs_are_not_modified_and_dtypes_kept():
-    states = fake_states(4, seed=1)
-    states[0] = {k: v.half() for k, v in states[0].items()}
+    states = [{k: v.half() for k, v in s.items()} for s in fake_states(4, seed=1)]
     before = [{k: v.clone() for k, v in s.items()} for s in states]
-    layers, head = layer_keys(states[1])
-    out = group_experts(states, layers + [head], np.zeros((len(layers) + 1, 4)), np.ones(4))
+    out = group_experts(states, np.zeros((3, 4)), np.ones(4))
     for s, b in zip(states, before):
         assert all(torch.equal(s[k], b[k]) for k in s)
     assert all(v.dtype == torch.float16 for v in out[0][0].values())
+
+
+def test_group_experts_refuses_mixed_dtypes_and_bad_labels():
+    states = fake_states(3, seed=1)
+    states[1] = {k: v.half() for k, v in states[1].items()}
+    with pytest.raises(TypeError, match="client 1"):
+        group_experts(states, np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="layer_labels must have shape"):
+        group_experts(fake_states(3, seed=1), np.zeros((2, 3)))
 
 
 @pytest.mark.parametrize("name", ["local", "fedit", "fedsa", "fedalt", "oracle-groups"])

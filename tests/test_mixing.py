@@ -5,7 +5,7 @@ import pytest
 import torch
 from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from fedtreelora.mixing import MIXING_FILE, ExpertMixer, layer_group
+from fedtreelora.client.mixing import MIXING_FILE, ExpertMixer, layer_group
 from tiny_models import save_tiny_bert, tiny_gpt2
 
 

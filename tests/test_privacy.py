@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from fedtreelora.privacy import gaussian_epsilon, privatize_update
+from fedtreelora.client.privacy import gaussian_epsilon, privatize_update
 
 
 def _states(seed=0, scale=1.0):
@@ -63,10 +63,10 @@ def test_epsilon_of_the_gaussian_mechanism():
 
 def test_federation_uploads_are_privatised_when_configured(tmp_path):
     """With DP on, what the server receives differs from the trained state by a clipped, noised update."""
-    from fedtreelora.client import ClientState
-    from fedtreelora.config import ExperimentConfig
+    from fedtreelora.client.trainer import ClientState
+    from fedtreelora.federation.config import ExperimentConfig
     from tiny_models import save_tiny_bert, tiny_config, tiny_dataset
-    from fedtreelora.federation import Federation
+    from fedtreelora.federation.schedule import Federation
 
     torch.set_num_threads(1)
     model = save_tiny_bert(tmp_path / "bert")

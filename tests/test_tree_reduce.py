@@ -1,5 +1,5 @@
 """fedtreelora.ops.tree_reduce against a float64 PyTorch reference written here (one-hot matrix
-products, externals computed directly from the complement), and against fedtreelora.reference.
+products, externals computed directly from the complement), and against fedtreelora.core.reference.
 
 The kernel accumulates in float64 and rounds once to x's dtype, so the error allowed is half an ulp
 of the output dtype (eps * |expected|, or the subnormal spacing near 0) plus a tiny absolute term for
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fedtreelora.ops as ops
-from fedtreelora import reference
+from fedtreelora.core import reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -115,7 +115,7 @@ def test_matches_reference_module(problem):
     got = ops.tree_reduce(x, offsets, labels, weights, n_clusters=n_clusters)
     want = reference.tree_reduce(x, offsets, labels, weights, n_clusters)
     for g, w in zip(got, want):
-        assert_close(g, w.to(torch.float64), x, "against fedtreelora.reference")
+        assert_close(g, w.to(torch.float64), x, "against fedtreelora.core.reference")
 
 
 def test_one_cluster_holding_everyone_has_zero_external():

@@ -14,8 +14,8 @@ import json
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from ..client import ClientState
-from ..config import ExperimentConfig
+from ..client.trainer import ClientState
+from ..federation.config import ExperimentConfig
 
 
 def to_arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -30,12 +30,23 @@ def server_content(config: ExperimentConfig, round_: int, phase: str, state: Cli
                    external: dict[str, torch.Tensor] | None = None) -> RecordDict:
     content = RecordDict({"config": ConfigRecord({"experiment": json.dumps(config.to_dict()),
                                                   "round": int(round_), "phase": phase})})
-    if state is not None:
-        content["adapter"] = to_arrays(state.adapter)
-        content["mixing"] = to_arrays({g: v.reshape(1) for g, v in state.logits.items()})
+    _put_state(content, state)
     if external is not None:
         content["external"] = to_arrays(external)
     return content
+
+
+def _put_state(content: RecordDict, state: ClientState | None) -> None:
+    if state is not None:
+        content["adapter"] = to_arrays(state.adapter)
+        content["mixing"] = to_arrays({g: v.reshape(1) for g, v in state.logits.items()})
+
+
+def _get_state(content: RecordDict) -> ClientState | None:
+    if "adapter" not in content.array_records:
+        return None
+    logits = {g: v.reshape(()) for g, v in from_arrays(content.array_records["mixing"]).items()}
+    return ClientState(from_arrays(content.array_records["adapter"]), logits)
 
 
 def read_server_content(content: RecordDict) -> tuple[ExperimentConfig, int, str, ClientState | None, dict | None]:
@@ -44,26 +55,17 @@ def read_server_content(content: RecordDict) -> tuple[ExperimentConfig, int, str
         raise KeyError('message from the server lacks its "config" record')
     cfg = content.config_records["config"]
     config = ExperimentConfig.from_dict(json.loads(str(cfg["experiment"])))
-    state = None
-    if "adapter" in content.array_records:
-        logits = {g: v.reshape(()) for g, v in from_arrays(content.array_records["mixing"]).items()}
-        state = ClientState(from_arrays(content.array_records["adapter"]), logits)
+    state = _get_state(content)
     external = from_arrays(content.array_records["external"]) if "external" in content.array_records else None
     return config, int(cfg["round"]), str(cfg["phase"]), state, external
 
 
 def client_reply_content(metrics: dict, state: ClientState | None = None) -> RecordDict:
     content = RecordDict({"metrics": MetricRecord({k: v for k, v in metrics.items()})})
-    if state is not None:
-        content["adapter"] = to_arrays(state.adapter)
-        content["mixing"] = to_arrays({g: v.reshape(1) for g, v in state.logits.items()})
+    _put_state(content, state)
     return content
 
 
 def read_client_reply(content: RecordDict) -> tuple[dict, ClientState | None]:
     metrics = dict(content.metric_records["metrics"]) if "metrics" in content.metric_records else {}
-    state = None
-    if "adapter" in content.array_records:
-        logits = {g: v.reshape(()) for g, v in from_arrays(content.array_records["mixing"]).items()}
-        state = ClientState(from_arrays(content.array_records["adapter"]), logits)
-    return metrics, state
+    return metrics, _get_state(content)

@@ -1,5 +1,5 @@
-"""One client's side of the federation inside a ClientApp: the data split, model and trainer of
-`federation.Federation`, built by the same functions, once per process and experiment config.
+"""One client's side of the federation inside a ClientApp: the same `federation.pool.ClientPool` the
+in-process schedule uses, built once per process and experiment config.
 
 A ClientApp is called once per message and may share its process with other clients (the Ray
 actors of the simulation engine run many), so the runtime is cached by (config, dataset source).
@@ -14,11 +14,10 @@ import json
 import threading
 from typing import Callable
 
-from ..client import ClientState, LocalTrainer
-from ..config import ExperimentConfig
-from ..data import TextDataset, load_dataset_for, partition
-from ..federation import derived_seed
-from ..models import add_lora, load_classifier, load_tokenizer, tokenize
+from ..client.trainer import ClientState
+from ..federation.config import ExperimentConfig
+from ..federation.data import TextDataset, load_dataset_for
+from ..federation.pool import ClientPool
 
 DatasetSource = Callable[[ExperimentConfig], TextDataset] | str | None
 
@@ -43,29 +42,12 @@ def resolve_dataset_fn(source: DatasetSource) -> Callable[[ExperimentConfig], Te
 
 
 class ClientRuntime:
+    """The `ClientPool` of one experiment config and dataset source, cached per process."""
+
     def __init__(self, config: ExperimentConfig, dataset: TextDataset):
         self.config = config
-        self.dataset = dataset
-        self.clients = partition(dataset.labels, config.num_clients, config.samples_per_client,
-                                 num_groups=config.num_groups, alpha=config.dirichlet_alpha, classes_per_group=config.classes_per_group,
-                                 train_fraction=config.train_fraction, seed=config.seed)
-        self.lock = threading.Lock()     # one model per process: one client at a time
-        self._trainer = None
-
-    def trainer(self) -> tuple[LocalTrainer, ClientState]:
-        """(trainer, the initial state), built on first use: a "query" needs only the partition, and a
-        deployed ClientApp runs in a fresh process per message."""
-        if self._trainer is None:
-            config = self.config
-            if config.num_threads > 0:
-                import torch
-                torch.set_num_threads(config.num_threads)
-            features = tokenize(load_tokenizer(config.model), self.dataset.texts, config.max_length)
-            model = add_lora(load_classifier(config.model, self.dataset.num_labels, seed=config.seed), config,
-                             seed=config.seed)
-            trainer = LocalTrainer(model, features, config)
-            self._trainer = (trainer, trainer.initial_state())
-        return self._trainer
+        self.pool = ClientPool(config, dataset)
+        self.clients = self.pool.clients
 
     @classmethod
     def get(cls, config: ExperimentConfig, dataset_source: DatasetSource = None) -> "ClientRuntime":
@@ -76,33 +58,17 @@ class ClientRuntime:
                 _CACHE[key] = cls(config, resolve_dataset_fn(dataset_source)(config))
             return _CACHE[key]
 
-    def client(self, k: int):
-        if not 0 <= k < len(self.clients):
-            raise ValueError(f"partition-id {k} is outside the experiment's {len(self.clients)} clients")
-        return self.clients[k]
-
     def describe(self, k: int) -> dict:
-        client = self.client(k)
+        client = self.pool.client(k)
         return {"num-train": int(client.num_train), "num-test": int(len(client.test_idx)), "group": int(client.group)}
 
     def train(self, k: int, start: ClientState | None, external, round_: int) -> tuple[ClientState, dict]:
-        """`Federation._train` for client k: load start (None: the initial LoRA) and external, train, return."""
-        client = self.client(k)
-        with self.lock:
-            trainer, initial = self.trainer()
-            start = start if start is not None else initial
-            trainer.load(start, external)
-            info = trainer.train(client.train_idx, client.train_labels, seed=derived_seed(self.config.seed, round_, k),
-                                 train_head=self.config.warmup_head or round_ >= self.config.warmup_rounds)
-            return trainer.upload(start, seed=derived_seed(self.config.seed, round_, k, 1)), info
+        """Client k's local run (None: from the initial LoRA), exactly as in-process."""
+        return self.pool.train(k, start, external, round_)
 
     def evaluate(self, k: int, state: ClientState, external) -> dict:
-        """`Federation._evaluate` for client k: its personalised model on its test split."""
-        client = self.client(k)
-        with self.lock:
-            trainer, _ = self.trainer()
-            trainer.load(state, external)
-            return trainer.evaluate(client.test_idx, client.test_labels)
+        """Client k's personalised model on its test split, exactly as in-process."""
+        return self.pool.evaluate(k, state, external)
 
 
 def partition_id(node_config) -> int:

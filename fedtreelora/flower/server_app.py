@@ -15,7 +15,7 @@ import dataclasses
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from ..config import ExperimentConfig
+from ..federation.config import ExperimentConfig
 from .strategy import PersonalisedStrategy
 
 APP_KEYS = {"config-file", "method", "run-dir", "round-timeout", "connect-timeout", "resume", "dataset-fn"}

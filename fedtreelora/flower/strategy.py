@@ -24,33 +24,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from ..client import ClientState
-from ..config import ExperimentConfig
-from ..federation import WARMUP, load_checkpoint, save_checkpoint
-from ..methods import make_method
+from ..client.trainer import ClientState
+from ..federation.checkpoints import load_checkpoint, save_checkpoint
+from ..federation.config import ExperimentConfig
+from ..federation.methods import make_method
+from ..federation.schedule import WARMUP, evaluation_record, method_result, select_clients
 from .messages import read_client_reply, server_content
 
 logger = logging.getLogger("flwr").getChild("fedtreelora")
-
-
-def select_clients(config: ExperimentConfig, global_round: int, n: int) -> list[int]:
-    """The clients that train in a federated round: the in-process federation's draw (same seed use)."""
-    n_selected = max(1, int(round(config.client_fraction * n)))
-    return sorted(np.random.default_rng([config.seed, global_round, 1]).choice(n, n_selected, replace=False).tolist())
-
-
-def _metrics(results: dict[int, dict], n: int) -> dict:
-    """The in-process evaluation record; a client with no result has None (left out of the mean)."""
-    acc = [results[k]["accuracy"] if k in results else None for k in range(n)]
-    loss = [results[k]["loss"] if k in results else None for k in range(n)]
-    arrived = np.array([a for a in acc if a is not None], dtype=np.float64)
-    return {"accuracy": acc, "loss": loss,
-            "mean_accuracy": float(arrived.mean()) if arrived.size else float("nan"),
-            "std_accuracy": float(arrived.std()) if arrived.size else float("nan")}
 
 
 class PersonalisedStrategy:
@@ -142,7 +126,7 @@ class PersonalisedStrategy:
             contents[k] = server_content(self.config, round_, phase, ClientState(cluster, state.logits), external)
         arrived = self._exchange(grid, "evaluate", round_, phase, contents)
         failed = sorted(set(range(len(states))) - set(arrived))
-        return _metrics({k: m for k, (m, _) in arrived.items()}, len(states)), failed
+        return evaluation_record({k: m for k, (m, _) in arrived.items()}, len(states)), failed
 
     def _checkpoint(self, folder: Path, round_: int, states, history, wall) -> None:
         if any(s is None for s in states):
@@ -163,7 +147,7 @@ class PersonalisedStrategy:
     # -- the run ----------------------------------------------------------------------------
     def start(self, grid: Grid) -> dict:
         """Run warm-up and the method; write the run folder (as `fedtreelora simulate` does) and return its summary."""
-        from ..plots import write_outputs
+        from ..report import write_outputs
         cfg, n = self.config, self.config.num_clients
         self._connect(grid)
         checkpoints = self.run_dir / "checkpoints"
@@ -205,16 +189,10 @@ class PersonalisedStrategy:
             logger.info("%s round %d/%d: mean accuracy %.4f", name, r + 1, cfg.rounds, metrics["mean_accuracy"])
             self._checkpoint(checkpoints / name, r + 1, states, history, wall)
 
-        final = history[-1] if history else warm_history[-1]
-        lams = {str(k): {g: float(torch.sigmoid(v)) for g, v in s.logits.items()}
-                for k, s in enumerate(states) if experts[k][1] is not None}
-        result = {"method": name, "description": method.description, "history": warm_history + history,
-                  "mean_accuracy": final["mean_accuracy"], "std_accuracy": final["std_accuracy"],
-                  "accuracy": final["accuracy"], "rounds": cfg.warmup_rounds + cfg.rounds, "wall_s": wall,
-                  "lam": lams, "method_state": method.summary()}
+        result = method_result(method, cfg, warm_history, history, states, experts, wall)
         summary = {"config": cfg.to_dict(), "engine": "flower", "groups": self.groups.tolist(),
                    "weights": self.weights.tolist(), "warmup_wall_s": warm_wall, "failures": self.failures,
                    "methods": {name: result}}
-        write_outputs(self.run_dir, summary, {name: {**result, "_method": method}})
+        write_outputs(self.run_dir, summary, tree=getattr(method, "tree", None))
         self.states, self.experts, self.method = states, experts, method
         return summary

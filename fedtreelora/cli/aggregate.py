@@ -21,16 +21,21 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def add_arguments(parser) -> None:
+    from ..core import TreeConfig
+    from ..core.ops import LINKAGE_METHODS, METRICS
+    from ..core.tree import HEAD_POLICIES
+
+    tree = TreeConfig()  # the one home of the tree defaults
     parser.add_argument("client_dirs", nargs="+", metavar="CLIENT_DIR", help="PEFT adapter folders, one per client")
     parser.add_argument("--out", required=True, help="output folder (one subfolder per client, tree.json, tree.png)")
     parser.add_argument("--weights", nargs="+", type=float, help="aggregation weight per client (e.g. sample counts); default equal")
     parser.add_argument("--names", nargs="+", help="client names (output subfolders); default: the folders' names")
     parser.add_argument("--tree", help="a stored tree.json to reuse (the per-round path) instead of building one")
-    parser.add_argument("--linkage", default="average", help="linkage method (default: average)")
-    parser.add_argument("--metric", default="frobenius", help="per-layer distance: frobenius or cosine")
-    parser.add_argument("--window", type=int, default=3, help="K: at most K-1 more clusters per layer (default: 3)")
-    parser.add_argument("--tau", type=float, default=0.1, help="score of one cluster; a split needs a silhouette above it (default: 0.1)")
-    parser.add_argument("--head", default="deepest", help="non-layer tensors (classification head): deepest, local or global")
+    parser.add_argument("--linkage", default=tree.linkage, choices=LINKAGE_METHODS, help=f"linkage method (default: {tree.linkage})")
+    parser.add_argument("--metric", default=tree.metric, choices=METRICS, help=f"per-layer distance (default: {tree.metric})")
+    parser.add_argument("--window", type=int, default=tree.window, help=f"K: at most K-1 more clusters per layer (default: {tree.window})")
+    parser.add_argument("--tau", type=float, default=tree.tau, help=f"score of one cluster; a split needs a silhouette above it (default: {tree.tau})")
+    parser.add_argument("--head", default=tree.head, choices=HEAD_POLICIES, help=f"non-layer tensors (classification head) (default: {tree.head})")
     parser.add_argument("--clip-norm", help="clip each client's layer slices to this L2 norm, or 'median'")
     parser.add_argument("--robust", default="mean", help="mean or trimmed_mean")
     parser.add_argument("--trim-ratio", type=float, default=0.1, help="share of weight trimmed at each end (trimmed_mean)")
@@ -84,8 +89,7 @@ def _write_adapter(folder: Path, config: dict, state: dict) -> None:
 
 
 def run(args) -> int:
-    from ..aggregate import aggregate
-    from ..tree import AggregationTree, TreeConfig
+    from ..core import AggregationTree, TreeConfig, aggregate
 
     out = Path(args.out)
     try:

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AdapterLayout", "parse_layout", "normalise_clients", "pack", "unpack_row",
+from .ops import nonfinite_entry
+
+__all__ = ["AdapterLayout", "parse_layout", "normalise_clients", "pack", "unpack_row", "key_view",
            "is_b_factor", "first_nonfinite", "segment_norms"]
 
 _FIRST_INDEX = re.compile(r"^(?P<stack>.*?\.[^.]*)\.(?P<idx>\d+)\.")
@@ -244,27 +246,27 @@ def pack(states: list[Mapping[str, torch.Tensor]], layout: AdapterLayout) -> tor
 
 def unpack_row(row: torch.Tensor, layout: AdapterLayout) -> dict[str, torch.Tensor]:
     """A state dict of views into `row` [P] (copies only for keys whose dtype differs from the row's)."""
-    out = {}
-    for key, shape, dtype, lo, hi, _ in layout.specs():
-        t = row[lo:hi].view(shape)
-        out[key] = t if t.dtype == dtype else t.to(dtype)
-    return out
+    return {key: key_view(row[lo:hi], shape, dtype) for key, shape, dtype, lo, hi, _ in layout.specs()}
+
+
+def key_view(columns: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    """One key's tensor from its columns of a packed row: a view, or a copy where the dtype differs."""
+    t = columns.view(shape)
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def first_nonfinite(x: torch.Tensor, layout: AdapterLayout, names: list[str] | None = None) -> str | None:
     """A message naming the first client and key holding NaN/Inf in x, or None when x is finite."""
-    bad = ~torch.isfinite(x)
-    if not bool(bad.any()):
+    found = nonfinite_entry(x)
+    if found is None:
         return None
-    rows = bad.any(dim=1).nonzero().flatten().tolist()
-    k = rows[0]
-    col = int(bad[k].nonzero()[0])
+    k, col, rows = found
     key = layout.key_at(col)
     lo = dict(zip(layout.keys, layout.columns))[key][0]
     shape = dict(zip(layout.keys, layout.shapes))[key]
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(col - lo), shape)) if len(shape) else ()
     return (f"client {_who(k, names)}, key {key!r}: NaN or Inf at index {index}"
-            f"{f' ({len(rows)} clients affected)' if len(rows) > 1 else ''}")
+            f"{f' ({rows} clients affected)' if rows > 1 else ''}")
 
 
 def segment_norms(x: torch.Tensor, layout: AdapterLayout) -> torch.Tensor:

@@ -1,11 +1,12 @@
-"""Just-in-time build of the native core (torch.utils.cpp_extension.load + ninja) on first import.
+"""Just-in-time build of the native core (torch.utils.cpp_extension.load + ninja) on the first op call.
 
 Order of attempts, first that works wins:
 1. an ahead-of-time build shipped with the package (`pip install .` with FEDTREELORA_BUILD_EXT=1);
 2. a cached JIT build keyed by the sources, flags, torch version and backend (CPU or CPU+CUDA);
 3. a fresh JIT build into that cache, under a file lock so that concurrent imports build once.
-If all fail, `fedtreelora.ops` runs every op through `fedtreelora/reference.py` and a warning is
-issued once, unless FEDTREELORA_REQUIRE_NATIVE=1, which turns the failure into an ImportError.
+If all fail, `fedtreelora.ops` runs every op through `fedtreelora/core/reference.py` and a warning is
+issued once, unless FEDTREELORA_REQUIRE_NATIVE=1, which turns the failure into an ImportError. Nothing is
+built at `import fedtreelora`: the first op call (or `fedtreelora.native_available()`) does it.
 
 Environment variables:
   FEDTREELORA_REBUILD=1          discard the cached build and compile again
@@ -38,11 +39,11 @@ def _flag(name: str) -> bool:
 
 def source_dir() -> Path:
     """The csrc folder: inside the installed package, or at the root of a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "csrc", here.parent / "csrc"):
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "csrc", package.parent / "csrc"):
         if (candidate / "ops.cpp").is_file():
             return candidate
-    raise FileNotFoundError(f"fedtreelora: C++ sources not found next to {here} (looked for csrc/ops.cpp)")
+    raise FileNotFoundError(f"fedtreelora: C++ sources not found next to {package} (looked for csrc/ops.cpp)")
 
 
 def _cuda_home() -> str | None:
@@ -134,8 +135,8 @@ def _library_name(plan: BuildPlan) -> str:
 
 
 def _ahead_of_time_library() -> Path | None:
-    here = Path(__file__).resolve().parent
-    hits = sorted(here.glob("_C*.so"))
+    package = Path(__file__).resolve().parent.parent
+    hits = sorted(package.glob("_C*.so"))
     return hits[0] if hits else None
 
 
@@ -157,7 +158,7 @@ def _jit_build(plan: BuildPlan) -> Path:
             return library
         build_dir.mkdir(parents=True, exist_ok=True)
         if not verbose:
-            print("fedtreelora: building the native core (first import only, about a minute)...", file=sys.stderr)
+            print("fedtreelora: building the native core (first use only, about a minute)...", file=sys.stderr)
         cpp_extension.load(
             name=name,
             sources=[str(s) for s in plan.sources],
@@ -194,7 +195,7 @@ def load_native() -> bool:
             raise ImportError(f"fedtreelora: the native core could not be built or loaded: {exc}") from exc
         warnings.warn(
             "fedtreelora: the native core could not be built or loaded, so every op runs through the slow "
-            f"reference implementation (fedtreelora/reference.py). Cause: {_STATE['error']}. "
+            f"reference implementation (fedtreelora/core/reference.py). Cause: {_STATE['error']}. "
             "Set FEDTREELORA_VERBOSE_BUILD=1 to see the build log, FEDTREELORA_REQUIRE_NATIVE=1 to make this an error.",
             RuntimeWarning,
             stacklevel=3,

@@ -10,9 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import ops
-from .adapters import is_b_factor
-from .experts import b_distances, group_experts, layer_keys
+from ..core import AggregationTree, aggregate, build_tree, choose_cuts, client_distances, group_experts, ops
+from ..core.adapters import parse_layout
 
 Experts = list[tuple[dict, "dict | None"]]
 
@@ -39,7 +38,7 @@ class Method:
 
 
 class _Segmented(Method):
-    """Methods defined by a partition of the clients per transformer layer (and one for the head)."""
+    """Methods defined by a partition of the clients per transformer layer (the head follows the deepest)."""
     mixing = False
 
     def layer_labels(self, n_layers: int, n: int) -> np.ndarray:
@@ -47,30 +46,25 @@ class _Segmented(Method):
 
     def setup(self, warm_states, weights, config, groups):
         self.config = config
-        self.layers, self.head = layer_keys(warm_states[0])
-        self.labels = np.asarray(self.layer_labels(len(self.layers), len(warm_states)), dtype=np.int64)
+        n_layers = len(parse_layout(warm_states[:1]).layers)
+        self.labels = np.asarray(self.layer_labels(n_layers, len(warm_states)), dtype=np.int64)
 
-    def segments_and_labels(self):
-        segments, labels = list(self.layers), list(self.labels)
-        if self.head:   # non-layer tensors follow the deepest layer's partition (DESIGN.md step 5)
-            segments.append(self.head)
-            labels.append(self.labels[-1])
-        return segments, np.stack(labels)
+    def experts(self, states, weights) -> Experts:
+        return group_experts(states, self.labels, torch.as_tensor(weights, dtype=torch.float64))
 
     def aggregate(self, states, weights):
-        segments, labels = self.segments_and_labels()
-        experts = group_experts(states, segments, labels, weights)
+        experts = self.experts(states, weights)
         return experts if self.mixing else [(cluster, None) for cluster, _ in experts]
 
     def summary(self):
         return {"n_clusters": [int(len(set(row))) for row in self.labels], "labels": self.labels.tolist()}
 
     def state(self):
-        return {"layers": self.layers, "head": self.head, "labels": self.labels.tolist()}
+        return {"labels": self.labels.tolist()}
 
     def load_state(self, state, config):
         self.config = config
-        self.layers, self.head, self.labels = state["layers"], state["head"], np.asarray(state["labels"], dtype=np.int64)
+        self.labels = np.asarray(state["labels"], dtype=np.int64)
 
 
 class LocalOnly(_Segmented):
@@ -104,11 +98,9 @@ class FedSA(_Segmented):
     def layer_labels(self, n_layers, n):
         return np.tile(np.arange(n), (n_layers, 1))
 
-    def segments_and_labels(self):
-        a_keys = [k for seg in self.layers for k in seg if not is_b_factor(k)]
-        own = [k for seg in self.layers for k in seg if is_b_factor(k)] + self.head
-        n = self.labels.shape[1]
-        return [a_keys, own], np.stack([np.zeros(n, dtype=np.int64), np.arange(n)])
+    def experts(self, states, weights):  # A factors of every layer shared by all, B factors and head local
+        return group_experts(states, self.labels, torch.as_tensor(weights, dtype=torch.float64),
+                             a_labels=np.zeros_like(self.labels))
 
 
 class FedALT(_Segmented):
@@ -120,25 +112,8 @@ class FedALT(_Segmented):
 
 
 def _global_linkage(states, config):
-    per_layer, mean = b_distances(states, config.metric)
-    return per_layer, mean, ops.linkage(mean.double(), config.linkage)
-
-
-def _best_silhouette_cut(z, d: torch.Tensor, candidates: list[int], tau: float | None):
-    """Cluster count in `candidates` with the best silhouette of the cut of z under d (score(1) = tau)."""
-    n = d.shape[0]
-    multi = [c for c in candidates if 2 <= c <= n - 1]
-    scores = {}
-    if multi:
-        labels = ops.cut_tree(z, torch.tensor(multi, dtype=torch.int64))
-        sil = ops.silhouette(d.float()[None], labels[None])[0]
-        scores.update({c: float(s) for c, s in zip(multi, sil)})
-    if tau is not None and 1 in candidates:
-        scores[1] = tau
-    if not scores:
-        return 1, np.zeros(n, dtype=np.int64)
-    best = max(sorted(scores), key=lambda c: scores[c])      # ties: the smaller count (sorted, first max)
-    return best, ops.cut_tree(z, torch.tensor([best], dtype=torch.int64))[0].numpy()
+    per_layer, mean = client_distances(states, config.metric)
+    return per_layer, mean, ops.linkage(mean, config.linkage)
 
 
 class _OnePartition(_Segmented):
@@ -152,9 +127,8 @@ class FlatClusters(_OnePartition):
     name, description = "flat", "FedLEASE-style flat clustering: one partition (best silhouette) for all layers"
 
     def setup(self, warm_states, weights, config, groups):
-        _, mean, z = _global_linkage(warm_states, config)
-        n = len(warm_states)
-        self.partition = _best_silhouette_cut(z, mean, list(range(2, n)), None)[1] if n > 2 else np.zeros(n, dtype=np.int64)
+        _, mean, z = _global_linkage(warm_states, config)   # the best-silhouette cut of the tree, any count >= 2
+        self.partition = choose_cuts(mean[None], z, window=None, tau=None)[1][0].numpy()
         super().setup(warm_states, weights, config, groups)
 
 
@@ -174,12 +148,9 @@ class PerLayerClusters(_Segmented):
     mixing = True
 
     def setup(self, warm_states, weights, config, groups):
-        per_layer, _, _ = _global_linkage(warm_states, config)
-        n = len(warm_states)
-        rows = []
-        for d in per_layer:
-            z = ops.linkage(d.double(), config.linkage)
-            rows.append(_best_silhouette_cut(z, d, list(range(1, n)), config.tau)[1])
+        per_layer, _ = client_distances(warm_states, config.metric)
+        rows = [choose_cuts(d[None], ops.linkage(d, config.linkage), window=None, tau=config.tau)[1][0].numpy()
+                for d in per_layer]   # each layer its own tree and best cut, one cluster scoring tau
         self.per_layer = np.stack(rows)
         super().setup(warm_states, weights, config, groups)
 
@@ -191,14 +162,12 @@ class FedTreeLoRA(Method):
     name, description = "fedtreelora", "FedTreeLoRA: one global tree, cut deeper at deeper layers; cluster + external experts"
 
     def setup(self, warm_states, weights, config, groups):
-        import fedtreelora as ftl
-        self.tree_config = ftl.TreeConfig(linkage=config.linkage, metric=config.metric, window=config.window, tau=config.tau)
-        self.tree = ftl.build_tree(warm_states, config=self.tree_config)
+        self.tree_config = config.tree_config()
+        self.tree = build_tree(warm_states, config=self.tree_config)
 
     def aggregate(self, states, weights):
-        import fedtreelora as ftl
-        res = ftl.aggregate(states, weights=torch.as_tensor(weights, dtype=torch.float64), tree=self.tree,
-                            config=self.tree_config)
+        res = aggregate(states, weights=torch.as_tensor(weights, dtype=torch.float64), tree=self.tree,
+                        config=self.tree_config)
         return list(zip(res.cluster_states, res.external_states))
 
     def summary(self):
@@ -209,8 +178,7 @@ class FedTreeLoRA(Method):
         return {"tree": self.tree.to_dict()}
 
     def load_state(self, state, config):
-        import fedtreelora as ftl
-        self.tree = ftl.AggregationTree.from_dict(state["tree"])
+        self.tree = AggregationTree.from_dict(state["tree"])
         self.tree_config = self.tree.config
 
 

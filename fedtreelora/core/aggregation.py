@@ -13,23 +13,33 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import adapters, ops
 from .tree import AggregationTree, TreeConfig, build_tree_from_rows
 
-__all__ = ["aggregate", "AggregationResult", "ROBUST_METHODS"]
+__all__ = ["aggregate", "AggregationResult", "group_experts", "ROBUST_METHODS"]
 
 ROBUST_METHODS = ("mean", "trimmed_mean")
 
 
 @dataclass
 class AggregationResult:
-    """tree: the AggregationTree used; cluster_states[k] / external_states[k]: client k's cluster
-    expert and external expert, state dicts with the input's keys, shapes, dtypes and device
-    (a list, or a dict keyed by client name when the clients came as a dict). external_states[k]
-    is None when k's cluster holds every client at every layer; otherwise, at a layer where it
-    does, the external expert is zero there (a zero LoRA adds nothing)."""
+    """What `aggregate` returns.
+
+    Attributes
+    ----------
+    tree : AggregationTree
+        The tree used (built, or the one passed in).
+    cluster_states : list of dict or dict of str to dict
+        Client k's cluster expert: a state dict with the input's keys, shapes, dtypes and device
+        (a list, or a dict keyed by client name when the clients came as a dict).
+    external_states : list or dict, of dict or None
+        Client k's external expert, None when k's cluster holds every client at every layer;
+        otherwise, at a layer where it does, the external expert is zero there (a zero LoRA adds
+        nothing).
+    """
 
     tree: AggregationTree
     cluster_states: list | dict
@@ -38,24 +48,70 @@ class AggregationResult:
 
 def aggregate(client_states, weights=None, tree: AggregationTree | None = None, config: TreeConfig | None = None,
               clip_norm: float | str | None = None, robust: str = "mean", trim_ratio: float = 0.1) -> AggregationResult:
-    """Cluster and external experts for every client (DESIGN.md section 1, steps 4 and 5).
+    """Cluster and external experts for every client: the server step of FedTreeLoRA.
 
-    client_states: a list of PEFT LoRA state dicts (`peft.get_peft_model_state_dict`), or a dict
-        client name -> state dict; all clients share keys, shapes, dtype and device. Never modified.
-    weights: per-client aggregation weights (sample counts, say): a sequence, tensor, or a dict
-        name -> weight; default equal. Finite and > 0.
-    tree: a stored AggregationTree (the per-round path: no distances, no linkage); built from these
-        states with `config` when None.
-    config: TreeConfig for building the tree (default TreeConfig()); its `head` field decides what the
+    For client k and layer l, the cluster expert is the weighted mean of the LoRA factors over the
+    members of k's cluster at l (the tree cut into n_clusters[l] clusters), the external expert the
+    weighted mean over everyone else. A and B are averaged separately.
+
+    Parameters
+    ----------
+    client_states : list of dict or dict of str to dict
+        PEFT LoRA state dicts (`peft.get_peft_model_state_dict`), one per client, or a dict client
+        name -> state dict; all clients share keys, shapes, dtype and device. Never modified.
+    weights : sequence, tensor or dict of str to float, optional
+        Per-client aggregation weights (sample counts, say), finite and > 0; default equal.
+    tree : AggregationTree, optional
+        A stored tree (the per-round path: no distances, no linkage); built from these states
+        with `config` when None.
+    config : TreeConfig, optional
+        Settings for building the tree (default `TreeConfig()`); its `head` field decides what the
         non-layer tensors share (default: the tree's config).
-    clip_norm: None, a positive float, or "median": each client's slice of each segment (a layer, or the
-        non-layer tensors) is scaled down to at most this L2 norm ("median": per segment, the median
-        of the clients' norms) before the tree and the means.
-    robust: "mean" (weighted mean, `ops.tree_reduce`) or "trimmed_mean": coordinate-wise weighted
-        trimmed mean inside each cluster and over each external set, dropping `trim_ratio` of the
-        weight from each end (fractionally at the boundary; with equal weights and trim_ratio * m an
-        integer it is scipy.stats.trim_mean).
-    With one client: nothing to share, its state comes back unchanged (as a copy) with a warning.
+    clip_norm : float or "median", optional
+        Each client's slice of each segment (a layer, or the non-layer tensors) is scaled down to
+        at most this L2 norm ("median": per segment, the median of the clients' norms) before the
+        tree and the means.
+    robust : {"mean", "trimmed_mean"}
+        Weighted mean (`ops.tree_reduce`), or a coordinate-wise weighted trimmed mean inside each
+        cluster and over each external set, dropping `trim_ratio` of the weight from each end
+        (fractionally at the boundary; with equal weights and trim_ratio * m an integer it is
+        scipy.stats.trim_mean).
+    trim_ratio : float
+        In [0, 0.5), for robust="trimmed_mean".
+
+    Returns
+    -------
+    AggregationResult
+        Views into shared [C, P] results: clients of one cluster share the storage of their expert
+        (clone before modifying a result in place, and before `safetensors.torch.save_file`).
+
+    Raises
+    ------
+    ValueError
+        Mismatched keys, shapes, ranks or devices, NaN/Inf values, bad weights, a tree built for
+        other clients or layers: the message names the client and key or argument.
+    TypeError
+        Arguments of the wrong type.
+
+    Notes
+    -----
+    With one client there is nothing to share: its state comes back unchanged (as a copy) with a
+    warning. Results are in the input dtype, accumulated in float64 on CPU (float32 or better on
+    CUDA).
+
+    Examples
+    --------
+    >>> import fedtreelora as ftl
+    >>> from fedtreelora.core.synthetic import planted_states
+    >>> states, truth = planted_states(n_layers=2, groups=(1, 2), n_clients=4, head=False)
+    >>> res = ftl.aggregate(states, weights=[10, 10, 20, 20])
+    >>> res.tree.n_clusters.tolist()
+    [1, 2]
+    >>> key = "base_model.model.bert.encoder.layer.1.attention.self.query.lora_B.weight"
+    >>> bool(res.cluster_states[0][key].allclose((states[0][key] + states[1][key]) / 2))
+    True
+    >>> bool(res.external_states[0][key].allclose((states[2][key] + states[3][key]) / 2))
+    True
     """
     states, names = adapters.normalise_clients(client_states)
     layout = adapters.parse_layout(states, names)
@@ -89,23 +145,101 @@ def aggregate(client_states, weights=None, tree: AggregationTree | None = None, 
     if layout.has_head:  # the non-layer segment's partition
         head_row = labels[-1] if head_policy == "deepest" else torch.zeros_like(labels[-1])
         labels = torch.cat([labels, head_row[None]], dim=0)
-    labels = labels.to(x.device)
-    n_clusters = int(tree.n_clusters.max())
-    offsets = layout.layer_offsets.to(x.device)
-    if robust == "mean":
-        with _name_nonfinite(x, layout, names):  # the op checks its outputs: no extra pass over x when all is well
-            cluster, external = ops.tree_reduce(x, offsets, labels, w, n_clusters=n_clusters)
-    else:
-        cluster, external = _trimmed_reduce(x, layout.layer_offsets.tolist(), labels, w, n_clusters, trim_ratio)
-
     local_head = layout.has_head and head_policy == "local"
-    anyone_outside = int(tree.n_clusters.max()) > 1  # else every external expert would be all zeros
-    cluster_out, external_out = _per_client_views(cluster, external if anyone_outside else None, labels.cpu(),
-                                                  layout, x if local_head else None)
+    cluster_out, external_out = _experts(x, layout, layout.layer_offsets, labels, w, int(tree.n_clusters.max()),
+                                         names, robust, trim_ratio, x_local_head=x if local_head else None)
     if names is not None:
         cluster_out = dict(zip(names, cluster_out))
         external_out = dict(zip(names, external_out))
     return AggregationResult(tree=tree, cluster_states=cluster_out, external_states=external_out)
+
+
+def group_experts(client_states, layer_labels, weights=None, *, a_labels=None, head_labels=None) -> list[tuple]:
+    """Cluster and external experts under any partition per layer (the baselines' server rule).
+
+    The same packing and reduction as `aggregate`, with the partitions given instead of cut from a
+    tree: FedAvg is one cluster everywhere, local training a cluster per client, FedSA-LoRA the A
+    factors shared and the B factors local, flat clustering one partition at every layer.
+
+    Parameters
+    ----------
+    client_states : list of dict or dict of str to dict
+        PEFT LoRA state dicts, as for `aggregate`. Never modified.
+    layer_labels : array-like of int
+        [L, N]: the cluster of each client at each transformer layer (any integers).
+    weights : sequence or tensor, optional
+        Per-client weights, finite and > 0; default equal.
+    a_labels : array-like of int, optional
+        [L, N] partitions for the layers' A factors (every non-B tensor of a layer) when they
+        differ from the B factors'; default: `layer_labels`.
+    head_labels : array-like of int, optional
+        [N] partition of the tensors outside the layers; default: the deepest layer's.
+
+    Returns
+    -------
+    list of tuple
+        Per client (cluster expert, external expert or None); the external expert is None for
+        every client when every segment has a single cluster.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fedtreelora.core.aggregation import group_experts
+    >>> from fedtreelora.core.synthetic import planted_states
+    >>> states, _ = planted_states(n_layers=2, groups=(1, 2), n_clients=4, head=False)
+    >>> fedavg = group_experts(states, torch.zeros(2, 4, dtype=torch.int64))
+    >>> key = "base_model.model.bert.encoder.layer.0.attention.self.value.lora_A.weight"
+    >>> bool(fedavg[3][0][key].allclose(sum(s[key] for s in states) / 4)), fedavg[3][1] is None
+    (True, True)
+    """
+    states, names = adapters.normalise_clients(client_states)
+    layout = adapters.parse_layout(states, names)
+    n, n_layers = len(states), len(layout.layers)
+    b_rows = _label_rows(layer_labels, (n_layers, n), "layer_labels")
+    a_rows = b_rows if a_labels is None else _label_rows(a_labels, (n_layers, n), "a_labels")
+    head_row = b_rows[-1:] if head_labels is None else _label_rows(head_labels, (n,), "head_labels")[None]
+    starts, ends = layout.layer_offsets.tolist(), layout.b_ends
+    offsets, rows = [0], []
+    for l in range(n_layers):  # a layer is one segment, or two (B, then A) when their partitions differ
+        if a_labels is not None and ends[l] < starts[l + 1]:
+            offsets += [ends[l], starts[l + 1]]
+            rows += [b_rows[l], a_rows[l]]
+        else:
+            offsets.append(starts[l + 1])
+            rows.append(b_rows[l])
+    if layout.has_head:
+        offsets.append(starts[-1])
+        rows.append(head_row[0])
+    labels = torch.stack([torch.unique(row, return_inverse=True)[1] for row in rows])  # 0..C-1 keeps C small
+    x = adapters.pack(states, layout)
+    w = _weights(weights, n, names, x.device)
+    cluster, external = _experts(x, layout, torch.tensor(offsets, dtype=torch.int64), labels, w,
+                                 int(labels.max()) + 1, names)
+    return list(zip(cluster, external))
+
+
+def _label_rows(labels, shape: tuple, name: str) -> torch.Tensor:
+    try:
+        t = torch.as_tensor(np.asarray(labels), dtype=torch.int64).cpu()
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be integers: {e}") from None
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)} (layers, clients), got {list(t.shape)}")
+    return t
+
+
+def _experts(x, layout, offsets, labels, w, n_clusters: int, names, robust: str = "mean", trim_ratio: float = 0.1,
+             x_local_head=None):
+    """Per-client (cluster, external) state dicts from x under labels [S, N] of the segments `offsets`."""
+    labels = labels.to(x.device)
+    if robust == "mean":
+        with _name_nonfinite(x, layout, names):  # the op checks its outputs: no extra pass over x when all is well
+            cluster, external = ops.tree_reduce(x, offsets.to(x.device), labels, w, n_clusters=n_clusters)
+    else:
+        cluster, external = _trimmed_reduce(x, offsets.tolist(), labels, w, n_clusters, trim_ratio)
+    labels = labels.cpu()
+    anyone_outside = bool((labels != labels[:, :1]).any())  # else every external expert would be all zeros
+    return _per_client_views(cluster, external if anyone_outside else None, labels, layout, offsets, x_local_head)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,13 +324,14 @@ def _check_tree(tree: AggregationTree, layout: adapters.AdapterLayout, n: int, n
         raise ValueError(f"tree was built for the clients {tree.client_names}, got {names} (same order needed)")
 
 
-def _per_client_views(cluster, external, labels, layout, x_local_head):
+def _per_client_views(cluster, external, labels, layout, offsets, x_local_head):
     """Per-client state dicts of views into the cluster/external rows, in the clients' key order.
 
     Clients with the same label at every segment share one template dict (copied per client, so
     replacing a key affects one client only). x_local_head: the packed rows when the non-layer
     tensors stay local (then each client gets its own, and zeros as their external part)."""
-    specs = layout.specs()
+    seg_of = torch.searchsorted(offsets, torch.tensor([spec[3] for spec in layout.specs()]), right=True) - 1
+    specs = [(*spec[:5], int(s)) for spec, s in zip(layout.specs(), seg_of)]  # segment of each key in `offsets`
     local = set(layout.head_keys) if x_local_head is not None else set()
     local_specs = [spec for spec in specs if spec[0] in local]
     templates: dict[tuple, tuple[dict, dict | None]] = {}
@@ -209,25 +344,20 @@ def _per_client_views(cluster, external, labels, layout, x_local_head):
                 if key in local:
                     clus[key] = ext_value = None  # filled per client below, keeps the key order
                 else:
-                    clus[key] = _view(cluster[path[s], lo:hi], shape, dtype)
-                    ext_value = _view(external[path[s], lo:hi], shape, dtype) if ext is not None else None
+                    clus[key] = adapters.key_view(cluster[path[s], lo:hi], shape, dtype)
+                    ext_value = adapters.key_view(external[path[s], lo:hi], shape, dtype) if ext is not None else None
                 if ext is not None:
                     ext[key] = ext_value
             templates[path] = (clus, ext)
         clus, ext = templates[path]
         clus, ext = dict(clus), (dict(ext) if ext is not None else None)
         for key, shape, dtype, lo, hi, _ in local_specs:
-            clus[key] = _view(x_local_head[k, lo:hi], shape, dtype)
+            clus[key] = adapters.key_view(x_local_head[k, lo:hi], shape, dtype)
             if ext is not None:
                 ext[key] = torch.zeros(shape, dtype=dtype, device=x_local_head.device)
         cluster_out.append(clus)
         external_out.append(ext)
     return cluster_out, external_out
-
-
-def _view(row: torch.Tensor, shape, dtype) -> torch.Tensor:
-    t = row.view(shape)
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _trimmed_reduce(x: torch.Tensor, offsets: list[int], labels: torch.Tensor, w: torch.Tensor, n_clusters: int,

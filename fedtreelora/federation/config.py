@@ -1,6 +1,6 @@
-"""ExperimentConfig: every setting of a federated run, loadable from YAML or JSON.
+"""ExperimentConfig: every setting of a federated run, loadable from YAML or JSON, validated on construction.
 
-The defaults follow the calibration of DESIGN.md section 4: MiniLM on offline BBC News, 8 clients in
+The defaults follow the calibration written up in the README ("Federated results"): MiniLM on offline BBC News, 8 clients in
 2 planted groups (the second group's labels permuted), Dirichlet(1.0) label skew, 150 documents per
 client (2/3 train), 48 tokens, LoRA r=4 on query/value plus the classifier head, 8 local steps at
 batch 16, AdamW lr 3e-3. Two departures, both measured (README, "Federated results"):
@@ -17,7 +17,19 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from ..core import TreeConfig
+from ..core.ops import LINKAGE_METHODS, METRICS
+
+# The tree settings' defaults live in TreeConfig alone.
+_TREE = TreeConfig()
+# transformers.SchedulerType's values (a test keeps the two equal); a Literal so a typo fails before any training.
+Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                    "warmup_stable_decay", "greedy"]
+Linkage = Literal[LINKAGE_METHODS]
+Metric = Literal[METRICS]
 
 
 def _f(default, help_text):
@@ -53,7 +65,7 @@ class ExperimentConfig:
     batch_size: int = _f(16, "batch size of local training and evaluation")
     lr: float = _f(3e-3, "AdamW learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
-    scheduler: str = _f("constant", "transformers scheduler name for each local run (constant, linear, cosine, ...)")
+    scheduler: Scheduler = _f("constant", "transformers scheduler name for each local run (constant, linear, cosine, ...)")
     warmup_steps: int = _f(0, "scheduler warm-up steps of each local run")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
     mixing_lr: float = _f(3e-2, "learning rate of the mixing logits (lam = sigmoid(logit))")
@@ -64,10 +76,10 @@ class ExperimentConfig:
     rounds: int = _f(2, "federated rounds after warm-up")
     client_fraction: float = _f(1.0, "fraction of clients that train in a federated round")
     # tree (FedTreeLoRA)
-    linkage: str = _f("average", "linkage of the global client tree")
-    metric: str = _f("frobenius", "distance between clients' B factors (frobenius or cosine)")
-    window: int = _f(3, "cut-search window K")
-    tau: float = _f(0.1, "score of one cluster (bias towards full sharing)")
+    linkage: Linkage = _f(_TREE.linkage, f"linkage of the global client tree ({', '.join(LINKAGE_METHODS)})")
+    metric: Metric = _f(_TREE.metric, "distance between clients' B factors (frobenius or cosine)")
+    window: int = _f(_TREE.window, "cut-search window K")
+    tau: float = _f(_TREE.tau, "score of one cluster (bias towards full sharing)")
     fixed_clusters: int = _f(2, "cluster count of the fixed-count ablation (all layers)")
     # run
     dp_clip_norm: float = _f(0.0, "differential privacy: clip each upload's update (all tensors together) to this L2 norm (0 = off)")
@@ -75,6 +87,13 @@ class ExperimentConfig:
     seed: int = _f(0, "seed of data partition, initialisation, sampling and selection")
     device: str = _f("cpu", "torch device")
     num_threads: int = _f(0, "torch CPU threads (0 = leave torch's default)")
+
+    def __post_init__(self):
+        self.validate()
+
+    def tree_config(self) -> TreeConfig:
+        """The TreeConfig these settings describe."""
+        return TreeConfig(linkage=self.linkage, metric=self.metric, window=self.window, tau=self.tau)
 
     @classmethod
     def fields_help(cls) -> list[tuple[str, Any, str]]:
@@ -86,9 +105,7 @@ class ExperimentConfig:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
-        cfg = cls(**values)
-        cfg.validate()
-        return cfg
+        return cls(**values)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ExperimentConfig":
@@ -110,6 +127,16 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
+        """Raise ValueError naming the key (and the allowed values) of the first bad setting."""
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            allowed = get_args(hints[f.name]) if get_origin(hints[f.name]) is Literal else ()
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ValueError(f"config {f.name} must be one of {list(allowed)}, got {getattr(self, f.name)!r}")
+        try:
+            self.tree_config()
+        except ValueError as exc:
+            raise ValueError(f"config {exc}".replace("TreeConfig.", "")) from None
         for name in ("num_clients", "num_groups", "samples_per_client", "lora_r", "batch_size", "max_length"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"config {name} must be >= 1, got {getattr(self, name)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _build, reference
+from . import build, reference
 
 __all__ = ["layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce", "native_available",
            "LINKAGE_METHODS", "METRICS"]
@@ -18,12 +18,32 @@ LINKAGE_METHODS = ("single", "complete", "average", "weighted", "ward")
 METRICS = ("frobenius", "cosine")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-_NATIVE = _build.load_native()
 
 
 def native_available() -> bool:
-    """True when the compiled kernels are loaded (False: every op runs through fedtreelora.reference)."""
-    return _NATIVE
+    """Whether the compiled kernels are in use; builds or loads them on the first call.
+
+    Returns
+    -------
+    bool
+        True when torch.ops.fedtreelora.* are loaded; False when every op runs through
+        `fedtreelora.core.reference` (the build failed or FEDTREELORA_DISABLE_NATIVE=1).
+
+    Examples
+    --------
+    >>> import fedtreelora as ftl
+    >>> isinstance(ftl.ops.native_available(), bool)
+    True
+    """
+    if build.load_native():
+        _register_fakes()
+        return True
+    return False
+
+
+def _impl(name: str):
+    """The kernel behind op `name`: torch.ops.fedtreelora.<name>, or its reference implementation."""
+    return getattr(torch.ops.fedtreelora, name) if native_available() else getattr(reference, name)
 
 
 def _checking_values() -> bool:
@@ -71,19 +91,27 @@ def _check_offsets(layer_offsets: torch.Tensor, p: int) -> None:
             raise ValueError(f"layer_offsets must be strictly increasing: layer {l} spans [{off[l]}, {off[l + 1]})")
 
 
-def _raise_nonfinite(x: torch.Tensor, layer_offsets: torch.Tensor | None, what: str) -> None:
-    """Find the first client (and layer) holding NaN/Inf, or report an overflow in the computation."""
+def nonfinite_entry(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """(first row holding NaN/Inf, its first such column, how many rows hold any) of a 2-D x, or None."""
     bad = ~torch.isfinite(x)
-    rows = bad.any(dim=1).nonzero().flatten().tolist()
-    if not rows:
+    rows = bad.any(dim=1).nonzero().flatten()
+    if rows.numel() == 0:
+        return None
+    k = int(rows[0])
+    return k, int(bad[k].nonzero()[0]), int(rows.numel())
+
+
+def _raise_nonfinite(x: torch.Tensor, layer_offsets: torch.Tensor | None, what: str) -> None:
+    """Name the first client (and layer) holding NaN/Inf, or report an overflow in the computation."""
+    found = nonfinite_entry(x)
+    if found is None:
         raise ValueError(f"{what} overflowed: x is finite but its magnitudes are too large for the accumulation")
-    k = rows[0]
-    col = int(bad[k].nonzero()[0])
+    k, col, rows = found
     where = f"column {col}"
     if layer_offsets is not None:
         layer = int(torch.searchsorted(layer_offsets.cpu(), torch.tensor([col]), right=True)[0]) - 1
         where = f"layer {layer}, column {col}"
-    raise ValueError(f"x has NaN or Inf values in client {k} ({where}); {len(rows)} client(s) affected")
+    raise ValueError(f"x has NaN or Inf values in client {k} ({where}); {rows} client(s) affected")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,7 +129,7 @@ def layer_distances(x: torch.Tensor, layer_offsets: torch.Tensor, metric: str = 
     _check_offsets(layer_offsets, x.shape[1])
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    impl = torch.ops.fedtreelora.layer_distances if _NATIVE else reference.layer_distances
+    impl = _impl("layer_distances")
     per_layer, mean = impl(x, layer_offsets, metric)
     # A client with NaN/Inf makes its off-diagonal distances non-finite; a lone client has none.
     if _checking_values() and not (bool(torch.isfinite(mean).all()) and (x.shape[0] > 1 or bool(torch.isfinite(x).all()))):
@@ -130,7 +158,7 @@ def linkage(d: torch.Tensor, method: str = "average") -> torch.Tensor:
         raise ValueError(f"method must be one of {LINKAGE_METHODS}, got {method!r}")
     d64 = d.to(torch.float64)
     # The native kernel makes these checks itself in one pass while it copies d; the reference cannot.
-    if _checking_values() and not _NATIVE:
+    if _checking_values() and not native_available():
         if not bool(torch.isfinite(d64).all()):
             i, j = (~torch.isfinite(d64)).nonzero()[0].tolist()
             raise ValueError(f"d has a NaN or Inf entry at [{i}, {j}]")
@@ -143,7 +171,7 @@ def linkage(d: torch.Tensor, method: str = "average") -> torch.Tensor:
         if not torch.equal(d64, d64.T):
             i, j = (d64 != d64.T).nonzero()[0].tolist()
             raise ValueError(f"d must be exactly symmetric, d[{i}, {j}] = {float(d64[i, j])} != d[{j}, {i}] = {float(d64[j, i])}")
-    impl = torch.ops.fedtreelora.linkage if _NATIVE else reference.linkage
+    impl = _impl("linkage")
     return impl(d64, method)
 
 
@@ -184,7 +212,7 @@ def cut_tree(z: torch.Tensor, n_clusters) -> torch.Tensor:
     if _checking_values() and n_clusters.numel() and (bool((n_clusters < 1).any()) or bool((n_clusters > n).any())):
         bad = [c for c in n_clusters.tolist() if not 1 <= c <= n]
         raise ValueError(f"n_clusters must lie in [1, {n}] for a tree over {n} clients, got {bad}")
-    impl = torch.ops.fedtreelora.cut_tree if _NATIVE else reference.cut_tree
+    impl = _impl("cut_tree")
     return impl(z.to(torch.float64), n_clusters)
 
 
@@ -220,11 +248,11 @@ def silhouette(d: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"labels must be [L, M, N] with L={d.shape[0]} (or [M, N] with a 2-D d), got shape {tuple(labels.shape)}")
     _same_device(d=d, labels=labels)
     _check_labels(labels, d.shape[1])
-    kernel_checks_values = _NATIVE and d.device.type == "cpu"   # the CPU kernel checks in its single pass over d
+    kernel_checks_values = native_available() and d.device.type == "cpu"   # the CPU kernel checks in its single pass over d
     if _checking_values() and not kernel_checks_values and not bool(torch.isfinite(d).all()):
         l, i, j = (~torch.isfinite(d)).nonzero()[0].tolist()
         raise ValueError(f"d has a NaN or Inf entry at layer {l}, [{i}, {j}]")
-    impl = torch.ops.fedtreelora.silhouette if _NATIVE else reference.silhouette
+    impl = _impl("silhouette")
     out = impl(d, labels)
     return out[0] if squeeze else out
 
@@ -265,7 +293,7 @@ def tree_reduce(x: torch.Tensor, layer_offsets: torch.Tensor, labels: torch.Tens
         n_clusters = int(labels.max()) + 1
     elif _checking_values() and int(labels.max()) >= n_clusters:
         raise ValueError(f"labels hold cluster {int(labels.max())} but n_clusters={n_clusters}")
-    impl = torch.ops.fedtreelora.tree_reduce if _NATIVE else reference.tree_reduce
+    impl = _impl("tree_reduce")
     cluster, external = impl(x, layer_offsets, labels, weights.to(torch.float64), int(n_clusters))
     if _checking_values() and not (bool(torch.isfinite(cluster).all()) and bool(torch.isfinite(external).all())):
         _raise_nonfinite(x, layer_offsets, "tree_reduce")
@@ -274,7 +302,13 @@ def tree_reduce(x: torch.Tensor, layer_offsets: torch.Tensor, labels: torch.Tens
 
 # ----------------------------------------------------------------------------------------------
 # Fake kernels: output shapes and dtypes without data, so torch.compile(fullgraph=True) can trace.
-if _NATIVE:
+_FAKES_REGISTERED = []
+
+
+def _register_fakes() -> None:
+    if _FAKES_REGISTERED:
+        return
+    _FAKES_REGISTERED.append(True)
 
     @torch.library.register_fake("fedtreelora::layer_distances")
     def _(x, layer_offsets, metric):

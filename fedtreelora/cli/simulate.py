@@ -13,9 +13,9 @@ import sys
 
 
 def _settings_help() -> str:
-    from fedtreelora.config import ExperimentConfig
+    from ..federation.config import ExperimentConfig
     rows = [f"  {name:<20} {json.dumps(default):<24} {text}" for name, default, text in ExperimentConfig.fields_help()]
-    from fedtreelora.methods import METHODS, DEFAULT_METHODS
+    from ..federation.methods import DEFAULT_METHODS, METHODS
     methods = [f"  {name:<20} {cls.description}{'' if name in DEFAULT_METHODS else ' (not in the default list)'}"
                for name, cls in METHODS.items()]
     return ("settings (keys of --config FILE, YAML or JSON, or --set KEY=VALUE; default shown):\n" + "\n".join(rows)
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args):
     import yaml
-    from fedtreelora.config import ExperimentConfig
+    from ..federation.config import ExperimentConfig
     values = ExperimentConfig.from_file(args.config).to_dict() if args.config else {}
     for item in args.set:
         if "=" not in item:
@@ -50,8 +50,8 @@ def build_config(args):
 
 
 def run(args) -> int:
-    from fedtreelora.federation import CheckpointError, RunFolderError, run_experiment
-    from fedtreelora.plots import format_table
+    from ..federation.schedule import CheckpointError, RunFolderError, run_experiment
+    from ..report import format_table
     try:
         config = build_config(args)
     except (ValueError, OSError) as exc:

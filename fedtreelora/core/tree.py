@@ -1,4 +1,4 @@
-"""The global client tree and its layer-wise cuts (DESIGN.md section 1, steps 2 and 3).
+"""The global client tree and its layer-wise cuts (the method's steps 2 and 3, docs/design.md).
 
 build_tree(client_states) packs the clients' LoRA B factors, measures per-layer distances
 (`ops.layer_distances`), clusters the mean distance (`ops.linkage`), and walks the layers shallow to
@@ -23,23 +23,47 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import adapters, ops
+from .files import atomic_write_text
 
-__all__ = ["TreeConfig", "AggregationTree", "build_tree", "choose_cuts", "HEAD_POLICIES"]
+__all__ = ["TreeConfig", "AggregationTree", "build_tree", "choose_cuts", "client_distances", "HEAD_POLICIES"]
 
 HEAD_POLICIES = ("deepest", "local", "global")
 
 
 @dataclass(frozen=True)
 class TreeConfig:
-    """Settings of the tree and the cut search.
+    """Settings of the tree and the cut search (frozen; the single home of their defaults).
 
-    linkage: agglomerative method (single, complete, average, weighted, ward).
-    metric: per-layer distance between clients' B factors ("frobenius" as in the paper, or "cosine").
-    window: K, a layer may use at most K - 1 more clusters than the layer before it.
-    tau: score of the single cluster (c = 1); a split must reach a mean silhouette above tau.
-    head: what the trainable tensors outside the transformer layers (a classification head in
-        `modules_to_save`) share: "deepest" (the deepest layer's partition, the default),
-        "local" (each client keeps its own) or "global" (averaged over everyone).
+    Parameters
+    ----------
+    linkage : {"average", "single", "complete", "weighted", "ward"}
+        Agglomerative method of the global tree.
+    metric : {"frobenius", "cosine"}
+        Per-layer distance between clients' B factors ("frobenius" as in the paper).
+    window : int
+        K >= 1: a layer may use at most K - 1 more clusters than the layer before it.
+    tau : float
+        Score of the single cluster (c = 1), in [-1, 1]: a split must reach a mean silhouette
+        above tau.
+    head : {"deepest", "local", "global"}
+        What the trainable tensors outside the transformer layers (a classification head in
+        `modules_to_save`) share: the deepest layer's partition, nothing (each client keeps its
+        own), or everything (averaged over everyone).
+
+    Raises
+    ------
+    ValueError
+        A setting outside its allowed values, naming the field.
+
+    Examples
+    --------
+    >>> import fedtreelora as ftl
+    >>> ftl.TreeConfig(tau=0.2)
+    TreeConfig(linkage='average', metric='frobenius', window=3, tau=0.2, head='deepest')
+    >>> ftl.TreeConfig(linkage="avrage")
+    Traceback (most recent call last):
+    ...
+    ValueError: TreeConfig.linkage must be one of ('single', 'complete', 'average', 'weighted', 'ward'), got 'avrage'
     """
 
     linkage: str = "average"
@@ -65,10 +89,33 @@ class TreeConfig:
 class AggregationTree:
     """One global client tree and the cluster count chosen for every layer.
 
-    layers: layer names, shallow -> deep; linkage: Z [N-1, 4] float64 (scipy format);
-    n_clusters: int64 [L], never decreasing; labels: int64 [L, N], client k's cluster at layer l
-    (scipy cut_tree numbering); scores: per layer, {c: score} for the candidates examined;
-    client_names: the clients' names when given; config: the TreeConfig used.
+    Attributes
+    ----------
+    layers : list of str
+        Layer names, shallow to deep (PEFT module prefixes such as `...encoder.layer.3`).
+    linkage : torch.Tensor
+        Z [N-1, 4] float64 in scipy's linkage format.
+    n_clusters : torch.Tensor
+        int64 [L], the cluster count of each layer, never decreasing with depth.
+    labels : torch.Tensor
+        int64 [L, N]: client k's cluster at layer l (scipy `cut_tree` numbering).
+    scores : list of dict
+        Per layer, {c: score} for the candidate counts examined.
+    config : TreeConfig
+        The settings used.
+    client_names : list of str or None
+        The clients' names when they came as a dict.
+
+    Examples
+    --------
+    >>> import fedtreelora as ftl
+    >>> from fedtreelora.core.synthetic import planted_states
+    >>> states, _ = planted_states(n_layers=2, groups=(1, 2), n_clients=4)
+    >>> tree = ftl.build_tree(states)
+    >>> tree.groups(1)
+    [[0, 1], [2, 3]]
+    >>> ftl.AggregationTree.from_json(tree.to_json()).labels.tolist()
+    [[0, 0, 0, 0], [0, 0, 1, 1]]
     """
 
     layers: list[str]
@@ -131,10 +178,10 @@ class AggregationTree:
         return tree
 
     def to_json(self, path=None, indent: int | None = 1) -> str:
+        """The tree as JSON text; also written (atomically) to `path` when given."""
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
-            with open(path, "w") as f:
-                f.write(text + "\n")
+            atomic_write_text(path, text + "\n")
         return text
 
     @classmethod
@@ -165,40 +212,114 @@ class AggregationTree:
 
     def plot(self, path, title: str | None = None):
         """Draw the dendrogram with each layer's cut as a labelled horizontal line; save to path."""
-        from .viz import plot_tree
+        from ..report import plot_tree
 
         return plot_tree(self, path, title=title)
 
 
 # ----------------------------------------------------------------------------------------------
-def choose_cuts(per_layer: torch.Tensor, z: torch.Tensor, window: int, tau: float):
-    """The cut search of DESIGN.md section 1 step 3 on precomputed distances.
+def choose_cuts(per_layer: torch.Tensor, z: torch.Tensor, window: int | None, tau: float | None):
+    """The layer-wise cut search on precomputed distances (also the baselines' cut search).
 
-    per_layer: [L, N, N] layer distances; z: the tree. Returns (n_clusters int64 [L], labels int64
-    [L, N], scores: per layer {c: score}). Silhouettes of all candidates of a layer come from one
-    batched `ops.silhouette` call; the partitions from one `ops.cut_tree` call.
+    Walks the layers shallow to deep; layer l picks, among the counts c_{l-1} .. c_{l-1} + K - 1
+    (capped at N - 1), the one with the best score: tau for c = 1, the mean silhouette of the cut
+    of z into c clusters under per_layer[l] for c >= 2; ties go to the smaller count.
+
+    Parameters
+    ----------
+    per_layer : torch.Tensor
+        [L, N, N] distances, one matrix per layer.
+    z : torch.Tensor
+        The tree, [N-1, 4] in scipy's linkage format.
+    window : int or None
+        K; None: no bound (every count up to N - 1 is a candidate at every layer).
+    tau : float or None
+        Score of one cluster; None: one cluster only when no split is possible (N <= 2).
+
+    Returns
+    -------
+    n_clusters : torch.Tensor
+        int64 [L], never decreasing.
+    labels : torch.Tensor
+        int64 [L, N], the cut of z into n_clusters[l] clusters.
+    scores : list of dict
+        Per layer, {c: score} of the candidates examined.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fedtreelora.core import ops
+    >>> from fedtreelora.core.tree import choose_cuts
+    >>> x = torch.tensor([[0.0, 0.0], [0.0, 0.1], [5.0, 5.0], [5.0, 5.1]])
+    >>> per_layer, mean = ops.layer_distances(x, torch.tensor([0, 2]))
+    >>> n_clusters, labels, _ = choose_cuts(per_layer, ops.linkage(mean), window=3, tau=0.1)
+    >>> n_clusters.tolist(), labels.tolist()
+    ([2], [[0, 0, 1, 1]])
     """
     n_layers, n = per_layer.shape[0], per_layer.shape[1]
+    window = n if window is None else window
     top = max(1, min(n - 1, 1 + n_layers * (window - 1)))  # the largest count any layer can reach
     cuts = ops.cut_tree(z, torch.arange(1, top + 1, dtype=torch.int64, device=z.device)).cpu()  # row c-1: c clusters
     d = per_layer
     counts, scores = [], []
     prev = 1
     for l in range(n_layers):
-        candidates = list(range(prev, min(n - 1, prev + window - 1) + 1)) or [1]
+        candidates = list(range(prev, min(n - 1, prev + window - 1) + 1)) or [prev]
         splits = [c for c in candidates if c >= 2]
-        layer_scores = {1: float(tau)} if 1 in candidates else {}
+        layer_scores = {1: float(tau)} if 1 in candidates and tau is not None else {}
         if splits:
             labels = cuts[[c - 1 for c in splits]].to(d.device)
             sil = ops.silhouette(d[l:l + 1], labels.unsqueeze(0))[0].tolist()
             layer_scores.update(zip(splits, sil))
-        best = max(candidates, key=lambda c: (layer_scores[c], -c))  # ties -> the smaller c
+        scored = [c for c in candidates if c in layer_scores] or candidates[:1]
+        best = max(scored, key=lambda c: (layer_scores.get(c, 0.0), -c))  # ties -> the smaller c
         counts.append(best)
         scores.append(layer_scores)
         prev = best
     n_clusters = torch.tensor(counts, dtype=torch.int64)
     labels = cuts[n_clusters - 1]
     return n_clusters, labels, scores
+
+
+def _b_rows(client_states):
+    """(packed B-factor rows xb [N, P_B], their layout, the full layout, client names), finite."""
+    states, names = adapters.normalise_clients(client_states)
+    layout = adapters.parse_layout(states, names)
+    b_layout = layout.b_layout()
+    xb = adapters.pack(states, b_layout)
+    problem = adapters.first_nonfinite(xb, b_layout, names)
+    if problem:
+        raise ValueError(problem)
+    return xb, b_layout, layout, names
+
+
+def client_distances(client_states, metric: str = "frobenius"):
+    """Per-layer and mean distances between the clients' B factors (the columns `build_tree` reads).
+
+    Parameters
+    ----------
+    client_states : list of dict or dict of str to dict
+        PEFT LoRA state dicts, as for `build_tree`.
+    metric : {"frobenius", "cosine"}
+        The per-layer distance.
+
+    Returns
+    -------
+    per_layer : torch.Tensor
+        float32 [L, N, N].
+    mean : torch.Tensor
+        float32 [N, N], the mean over layers.
+
+    Examples
+    --------
+    >>> from fedtreelora.core.synthetic import planted_states
+    >>> from fedtreelora.core.tree import client_distances
+    >>> per_layer, mean = client_distances(planted_states(n_layers=2, groups=(1, 2), n_clients=4)[0])
+    >>> tuple(per_layer.shape), bool(per_layer[1, 0, 2] > 10 * per_layer[1, 0, 1])
+    ((2, 4, 4), True)
+    """
+    xb, b_layout, _, _ = _b_rows(client_states)
+    return ops.layer_distances(xb, b_layout.layer_offsets.to(xb.device), metric)
 
 
 def build_tree_from_rows(xb: torch.Tensor, b_offsets: torch.Tensor, layers, config: TreeConfig,
@@ -221,15 +342,42 @@ def build_tree_from_rows(xb: torch.Tensor, b_offsets: torch.Tensor, layers, conf
 def build_tree(client_states, config: TreeConfig | None = None) -> AggregationTree:
     """The global client tree and per-layer cluster counts from the clients' LoRA state dicts.
 
-    client_states: a list of PEFT state dicts (`peft.get_peft_model_state_dict`), or a dict
-    client name -> state dict. Only the B factors are used (DESIGN.md section 1 step 2).
+    Per-layer Frobenius (or cosine) distances between the clients' B factors, their mean over
+    layers clustered into one tree (`config.linkage`), then the cut search of `choose_cuts`
+    from shallow to deep layers. Only the B factors are read.
+
+    Parameters
+    ----------
+    client_states : list of dict or dict of str to dict
+        PEFT LoRA state dicts (`peft.get_peft_model_state_dict`), one per client, or a dict
+        client name -> state dict. Every client has the same keys, shapes, dtype and device.
+        Never modified.
+    config : TreeConfig, optional
+        Settings of the tree; default `TreeConfig()`.
+
+    Returns
+    -------
+    AggregationTree
+
+    Raises
+    ------
+    ValueError
+        Clients whose keys, shapes or LoRA ranks differ, NaN/Inf values, no LoRA layers: the
+        message names the client and key.
+    TypeError
+        A state dict that is not a mapping of tensors, or a non-float tensor.
+
+    Examples
+    --------
+    >>> import fedtreelora as ftl
+    >>> from fedtreelora.core.synthetic import planted_states
+    >>> states, truth = planted_states(n_layers=3, groups=(1, 2, 4), n_clients=8)
+    >>> tree = ftl.build_tree(states, config=ftl.TreeConfig(window=3))
+    >>> tree.n_clusters.tolist()
+    [1, 2, 4]
+    >>> bool((tree.labels == truth).all())
+    True
     """
     config = config or TreeConfig()
-    states, names = adapters.normalise_clients(client_states)
-    layout = adapters.parse_layout(states, names)
-    b_layout = layout.b_layout()
-    xb = adapters.pack(states, b_layout)
-    problem = adapters.first_nonfinite(xb, b_layout, names)
-    if problem:
-        raise ValueError(problem)
+    xb, b_layout, layout, names = _b_rows(client_states)
     return build_tree_from_rows(xb, b_layout.layer_offsets, layout.layers, config, names)

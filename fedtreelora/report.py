@@ -1,14 +1,70 @@
-"""Figures of the client tree: the dendrogram with each layer's cut drawn across it.
+"""Tables and figures of a run: the results table, accuracy per round, the client tree's dendrogram.
 
-Uses matplotlib's Agg canvas directly (no pyplot state, no display needed).
+Figures are drawn on matplotlib `Figure` objects with an Agg canvas of their own: no pyplot state,
+no display needed, and the caller's matplotlib backend is never changed.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
-__all__ = ["plot_tree", "cut_heights"]
+from .core.files import atomic_write_text
+
+__all__ = ["format_table", "plot_accuracy", "plot_tree", "cut_heights", "write_outputs"]
 
 
+def _figure(figsize):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def format_table(summary: dict) -> str:
+    """Markdown table: method, mean and std of per-client accuracy, rounds, wall time."""
+    lines = ["| method | mean acc (%) | std (%) | rounds | wall (s) |", "|---|---:|---:|---:|---:|"]
+    for name, r in summary["methods"].items():
+        lines.append(f"| {name} | {100 * r['mean_accuracy']:.1f} | {100 * r['std_accuracy']:.1f} | "
+                     f"{r['rounds']} | {r['wall_s']:.1f} |")
+    lines.append(f"\nshared warm-up: {summary['warmup_wall_s']:.1f} s (not included in the per-method wall times)")
+    return "\n".join(lines)
+
+
+def plot_accuracy(summary: dict, path) -> None:
+    """Mean per-client accuracy per round of every method (Figure API: the caller's backend is left alone)."""
+    fig = _figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for name, r in summary["methods"].items():
+        rounds = [h["round"] for h in r["history"]]
+        ax.plot(rounds, [100 * h["mean_accuracy"] for h in r["history"]], marker="o", label=name)
+    warm = summary["config"]["warmup_rounds"]
+    if warm:
+        ax.axvline(warm + 0.5, color="grey", linestyle=":", label="end of warm-up")
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean per-client accuracy (%)")
+    ax.set_title("personalised accuracy per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
+def write_outputs(run_dir, summary: dict, tree=None) -> None:
+    """metrics.json, table.md and accuracy.png of a run; tree.json and tree.png when a tree is given."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=1))
+    atomic_write_text(run_dir / "table.md", format_table(summary) + "\n")
+    plot_accuracy(summary, run_dir / "accuracy.png")
+    if tree is not None:
+        tree.to_json(run_dir / "tree.json")
+        tree.plot(str(run_dir / "tree.png"))
+
+
+# -- the client tree ---------------------------------------------------------------------------
 def cut_heights(z: np.ndarray, counts) -> list[float]:
     """A height at which a horizontal line cuts the dendrogram of z into exactly c clusters, per c.
 
@@ -39,16 +95,13 @@ def _layer_ranges(counts: list[int]) -> list[tuple[int, int, int]]:
 
 def plot_tree(tree, path, title: str | None = None):
     """Save the dendrogram of tree.linkage with one labelled line per distinct layer cut; returns the Figure."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from scipy.cluster.hierarchy import dendrogram
 
     z = tree.linkage.detach().cpu().double().numpy()
     n = tree.n_clients
     names = list(tree.client_names) if tree.client_names else [str(k) for k in range(n)]
     counts = [int(c) for c in tree.n_clusters.tolist()]
-    fig = Figure(figsize=(max(6.0, 0.35 * n + 3.0), 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _figure(figsize=(max(6.0, 0.35 * n + 3.0), 4.2))
     ax = fig.add_subplot()
     if n < 2:
         ax.text(0.5, 0.5, f"one client ({names[0]}): nothing to cluster", ha="center", va="center",

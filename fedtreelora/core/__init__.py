@@ -1,0 +1,17 @@
+"""The library `import fedtreelora` exposes: torch and numpy only (scipy inside the reference ops).
+
+- `ops`: the native ops (torch.ops.fedtreelora.*), their checks and fake kernels;
+- `reference`: slow float64 versions of every op (what the kernels are tested against);
+- `build`: the JIT build of the native core, on the first op call;
+- `adapters`: PEFT LoRA state dicts <-> packed client rows [N, P] + layer offsets;
+- `tree`: the global client tree and its layer-wise cuts;
+- `aggregation`: cluster and external experts per client;
+- `synthetic`: client adapters with a planted group structure (examples, tests, benchmarks);
+- `files`: atomic file writes.
+"""
+from . import ops
+from .aggregation import AggregationResult, aggregate, group_experts
+from .tree import AggregationTree, TreeConfig, build_tree, choose_cuts, client_distances
+
+__all__ = ["ops", "TreeConfig", "AggregationTree", "build_tree", "choose_cuts", "client_distances", "aggregate",
+           "group_experts", "AggregationResult"]

@@ -1,0 +1,94 @@
+"""Checkpoints of a run, one folder per phase (the shared warm-up, then each method).
+
+After every round, `<folder>/round_XXX.safetensors` (all uploads and mixing logits, keys
+"<client>/adapter/<key>" and "<client>/mixing/<group>") is written and fsynced, then `state.json`
+(round, history, wall time, the file's SHA-256) replaces the old one atomically: state.json is the
+commit point, older round files are removed after it. A torn or corrupt checkpoint is a clear
+CheckpointError, never a silently different run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..client.trainer import ClientState
+from ..core.files import atomic_write_text
+
+__all__ = ["save_checkpoint", "load_checkpoint", "write_json", "CheckpointError", "RunFolderError"]
+
+
+def write_json(path: Path, value) -> None:
+    atomic_write_text(path, json.dumps(value, indent=1))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(folder: Path, round_: int, states: list[ClientState], info: dict) -> None:
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for k, state in enumerate(states):
+        tensors.update({f"{k}/adapter/{key}": v.contiguous() for key, v in state.adapter.items()})
+        tensors.update({f"{k}/mixing/{g}": v.reshape(1) for g, v in state.logits.items()})
+    name = f"round_{round_:03d}.safetensors"
+    tmp = folder / (name + ".tmp")
+    save_file(tensors, str(tmp))
+    with open(tmp, "rb+") as f:   # on disk before state.json points at it
+        os.fsync(f.fileno())
+    digest = _sha256(tmp)
+    os.replace(tmp, folder / name)
+    write_json(folder / "state.json", {**info, "round": round_, "file": name, "sha256": digest,
+                                        "num_clients": len(states)})
+    for old in folder.glob("round_*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+class RunFolderError(ValueError):
+    """A run folder that holds another run (other settings, or a run not asked to be resumed)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated or corrupt."""
+
+
+def load_checkpoint(folder: Path) -> tuple[dict, list[ClientState]] | None:
+    """The last committed round of `folder` (None if nothing was committed yet).
+
+    Raises CheckpointError, naming the file, when state.json or the round file it points at is
+    unreadable, truncated or does not match the SHA-256 recorded when it was written.
+    """
+    from safetensors.torch import load_file
+    path = folder / "state.json"
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        name, num_clients = info["file"], int(info["num_clients"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({exc}); delete the folder to start over") from exc
+    data = folder / name
+    if not data.is_file():
+        raise CheckpointError(f"checkpoint {data} named by {path} is missing")
+    if "sha256" in info and _sha256(data) != info["sha256"]:
+        raise CheckpointError(f"checkpoint {data} is corrupt or truncated (SHA-256 differs from the one recorded in {path})")
+    try:
+        tensors = load_file(str(data))
+    except Exception as exc:  # safetensors reports a bad header or a short file in its own error type
+        raise CheckpointError(f"checkpoint {data} cannot be read: {exc}") from exc
+    states = [ClientState({}, {}) for _ in range(num_clients)]
+    for key, v in tensors.items():
+        k, kind, rest = key.split("/", 2)
+        if kind == "adapter":
+            states[int(k)].adapter[rest] = v
+        else:
+            states[int(k)].logits[rest] = v.reshape(())
+    return info, states
