@@ -1,6 +1,6 @@
 """Each native op against the plain stack a user would write, same process, same inputs.
 
-Sizes are those of DESIGN.md section 5: the paper's NLU configuration (L=24 layers, q and v adapted,
+Sizes: the paper's NLU configuration (L=24 layers, q and v adapted,
 d=1024, r=4) at N=1000 clients, and linkage at N=4000. Prints one table with ratios and the
 targets, and writes benchmarks/results/ops.json (ops_cuda.json with --device cuda).
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make cuda-check`: check the CUDA build path on any machine with nvcc, GPU or not (DESIGN.md §6).
+# `make cuda-check`: check the CUDA build path on any machine with nvcc, GPU or not (docs/cuda.md).
 #   1. a separate venv (.venv-cuda) with a CUDA build of torch, whose headers a .cu needs;
 #   2. every csrc/cuda/*.cu compiled on its own for sm_80 and sm_90, warnings as errors;
 #   3. the full JIT build through fedtreelora/core/build.py with CUDA forced on, a check that all five

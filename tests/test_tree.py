@@ -1,4 +1,4 @@
-"""build_tree and the layer-wise cut search against a pure scipy/sklearn reference (DESIGN.md 1.2-1.3)."""
+"""build_tree and the layer-wise cut search against a pure scipy/sklearn reference (the method's steps 2-3, docs/design.md)."""
 import json
 
 import numpy as np
@@ -161,3 +161,15 @@ def test_config_and_input_errors():
     states[1]["base_model.model.bert.encoder.layer.4.attention.self.value.lora_B.weight"][2, 1] = float("nan")
     with pytest.raises(ValueError, match=r"client 1, key '.*layer.4.attention.self.value.lora_B.weight': NaN or Inf at index \(2, 1\)"):
         ftl.build_tree(states)
+
+
+def test_figures_leave_the_callers_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+    from fedtreelora.report import plot_accuracy
+    before = matplotlib.get_backend()
+    states, _ = planted_states(n_layers=3, groups=(1, 2, 2), n_clients=4)
+    ftl.build_tree(states).plot(tmp_path / "tree.png")
+    plot_accuracy({"methods": {"m": {"history": [{"round": 1, "mean_accuracy": 0.5}]}},
+                   "config": {"warmup_rounds": 1}}, tmp_path / "acc.png")
+    assert matplotlib.get_backend() == before
+    assert (tmp_path / "tree.png").stat().st_size > 1000 and (tmp_path / "acc.png").stat().st_size > 1000
