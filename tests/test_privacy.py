@@ -63,8 +63,6 @@ def test_epsilon_of_the_gaussian_mechanism():
 
 def test_federation_uploads_are_privatised_when_configured(tmp_path):
     """With DP on, what the server receives differs from the trained state by a clipped, noised update."""
-    from fedtreelora.client.trainer import ClientState
-    from fedtreelora.federation.config import ExperimentConfig
     from tiny_models import save_tiny_bert, tiny_config, tiny_dataset
     from fedtreelora.federation.schedule import Federation
 
@@ -75,7 +73,7 @@ def test_federation_uploads_are_privatised_when_configured(tmp_path):
     plain = Federation(tiny_config(model), tmp_path / "plain", dataset=tiny_dataset(), progress=False)
     private = Federation(tiny_config(model, dp_clip_norm=0.05, dp_noise_multiplier=0.0), tmp_path / "dp",
                          dataset=tiny_dataset(), progress=False)
-    a = plain._train(0, plain.initial, None, round_=0)
-    b = private._train(0, private.initial, None, round_=0)
+    a = plain.pool.train(0, plain.initial, None, round_=0)[0]
+    b = private.pool.train(0, private.initial, None, round_=0)[0]
     assert _update_norm(plain.initial.adapter, a.adapter) > 0.05
     assert _update_norm(private.initial.adapter, b.adapter) == pytest.approx(0.05, rel=1e-4)

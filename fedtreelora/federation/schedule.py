@@ -15,6 +15,7 @@ rounds exactly.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -30,10 +31,11 @@ from .data import TextDataset, load_dataset_for
 from .methods import DEFAULT_METHODS, Method, make_method
 from .pool import ClientPool, derived_seed
 
-__all__ = ["Federation", "run_experiment", "select_clients", "method_result", "evaluation_record", "WARMUP",
+__all__ = ["Federation", "Schedule", "Driver", "InProcess", "check_run_folder", "run_experiment", "select_clients", "method_result", "evaluation_record", "WARMUP",
            "CheckpointError", "RunFolderError", "derived_seed"]
 
 WARMUP = "warmup"
+logger = logging.getLogger("fedtreelora")
 
 
 def select_clients(config: ExperimentConfig, global_round: int, n: int) -> list[int]:
@@ -64,116 +66,220 @@ def method_result(method: Method, config: ExperimentConfig, warm_history: list[d
             "lam": lams, "method_state": method.summary()}
 
 
-class Federation:
-    """The in-process driver: one ClientPool, `warmup()` once, then `run_method()` per method."""
+class Driver:
+    """How a schedule reaches its clients: in this process (`Federation`) or over Flower.
 
-    def __init__(self, config: ExperimentConfig, run_dir: str | Path, dataset: TextDataset | None = None,
-                 progress: bool = True, resume: bool = False, overwrite: bool = False):
-        self.config = config
-        self.run_dir = Path(run_dir)
-        self.progress = progress
-        self._check_config(resume, overwrite)
-        if config.num_threads > 0:
-            torch.set_num_threads(config.num_threads)
-        self.pool = ClientPool(config, dataset if dataset is not None else load_dataset_for(config))
-        self.dataset, self.clients = self.pool.dataset, self.pool.clients
-        self.groups, self.weights = self.pool.groups, self.pool.weights
-        self.trainer = self.pool.trainer()
+    `train` and `evaluate` get, per client index, what to send it and return what came back; a
+    client missing from the answer failed (a Flower driver logs why), and the schedule keeps its
+    previous upload. `records_failures` adds the failed clients to each round's record.
+    """
+
+    records_failures = False
+
+    def initial_states(self, n: int) -> list[ClientState | None]:
+        """The warm-up's starting states (None: the client starts from its own initial LoRA)."""
+        raise NotImplementedError
+
+    def train(self, round_: int, phase: str, jobs: dict[int, tuple[ClientState | None, dict | None]],
+              desc: str) -> dict[int, ClientState]:
+        """Train client k from jobs[k] = (start, external expert) in round `round_` (0-based); the uploads."""
+        raise NotImplementedError
+
+    def evaluate(self, round_: int, phase: str, jobs: dict[int, tuple[ClientState, dict | None]]) -> dict[int, dict]:
+        """Evaluate client k's personalised model jobs[k]; {k: {"accuracy", "loss", ...}} of those that answered."""
+        raise NotImplementedError
+
+    def checkpoint_info(self) -> dict:
+        """Extra fields a checkpoint keeps for this driver (restored by `restore`)."""
+        return {}
+
+    def restore(self, info: dict) -> None:
+        pass
+
+    def round_done(self, phase: str, round_in_phase: int, total: int, record: dict) -> None:
+        pass
+
+
+class Schedule:
+    """Warm-up once, then each method's rounds, over any `Driver`, checkpointed under run_dir.
+
+    Both drivers share this: the warm-up, the method's set-up after it (kept in `method.json` and
+    reloaded on resume), client selection, aggregation, evaluation, the per-round record and the
+    checkpoints."""
+
+    def __init__(self, config: ExperimentConfig, run_dir: str | Path, driver: Driver, weights, groups,
+                 resume: bool = False):
+        self.config, self.driver, self.resume = config, driver, resume
+        self.checkpoints = Path(run_dir) / "checkpoints"
+        self.weights, self.groups = np.asarray(weights, dtype=np.float64), np.asarray(groups)
+        self.n = len(self.weights)
         self.methods: dict[str, Method] = {}
-        self.initial = self.pool.initial
+        self.warmup_wall_s = 0.0
 
-    def _check_config(self, resume: bool = False, overwrite: bool = False) -> None:
-        """Never mix two runs in one folder: a run with other settings is refused; a finished or killed
-        run is continued (resume) or, on request only, started over (overwrite)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / "config.json"
-        checkpoints = self.run_dir / "checkpoints"
-        fresh = overwrite and not resume
-        if path.is_file() and not fresh:
-            saved = json.loads(path.read_text())
-            if saved != json.loads(json.dumps(self.config.to_dict())):
-                diff = sorted(k for k in saved if saved.get(k) != self.config.to_dict().get(k))
-                raise RunFolderError(f"run folder {self.run_dir} holds a run with another config (differs in {diff}); "
-                                     "use another --run-dir, the same settings, or --overwrite")
-        if checkpoints.exists() and not resume:
-            if not fresh:
-                raise RunFolderError(f"run folder {self.run_dir} already holds a run; resume it (--resume) or start it "
-                                     "over (--overwrite), or use another --run-dir")
-            shutil.rmtree(checkpoints)
-        write_json(path, self.config.to_dict())
+    def _load(self, folder: Path, states, history, wall):
+        loaded = load_checkpoint(folder) if self.resume else None
+        if not loaded:
+            return states, history, 0, wall
+        info, states = loaded
+        self.driver.restore(info)
+        return states, info["history"], info["round"], info["wall_s"]
 
-    def _bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True)
+    def _save(self, folder: Path, round_: int, states, history, wall) -> None:
+        if any(s is None for s in states):
+            logger.warning("round %d: no checkpoint (client(s) %s have not uploaded yet)", round_,
+                           [k for k, s in enumerate(states) if s is None])
+            return
+        save_checkpoint(folder, round_, states, {"history": history, "wall_s": wall, **self.driver.checkpoint_info()})
 
-    def _evaluate(self, states: list[ClientState], experts) -> dict:
-        results = {k: self.pool.evaluate(k, ClientState(experts[k][0], states[k].logits), experts[k][1])
-                   for k in range(len(self.clients))}
-        return evaluation_record(results, len(self.clients))
+    def _round(self, r: int, phase: str, states: list, experts, selected: list[int], desc: str) -> dict:
+        """Train `selected` (from their experts; in warm-up from their own states), evaluate everyone."""
+        jobs = {k: (states[k], None) if experts is None else (ClientState(experts[k][0], states[k].logits), experts[k][1])
+                for k in selected}
+        arrived = self.driver.train(r, phase, jobs, desc)
+        for k, upload in arrived.items():
+            states[k] = upload
+        return {"failed_train": sorted(set(selected) - set(arrived))}
 
-    def _train(self, k: int, start: ClientState, external, round_: int) -> ClientState:
-        return self.pool.train(k, start, external, round_)[0]
+    def _evaluate(self, r: int, phase: str, states: list, experts) -> dict:
+        jobs = {k: (s, None) if experts is None else (ClientState(experts[k][0], s.logits), experts[k][1])
+                for k, s in enumerate(states) if s is not None}  # never uploaded: nothing to evaluate
+        results = self.driver.evaluate(r, phase, jobs)
+        record = evaluation_record(results, len(states))
+        return record, sorted(set(range(len(states))) - set(results))
 
-    def warmup(self, resume: bool = False) -> tuple[list[ClientState], list[dict]]:
+    def _record(self, base: dict, metrics: dict, failed_train, failed_eval) -> dict:
+        record = {**base, **metrics}
+        if self.driver.records_failures:
+            record["failed"] = {"train": failed_train, "evaluate": failed_eval}
+        return record
+
+    def warmup(self) -> tuple[list[ClientState], list[dict]]:
         """`warmup_rounds` rounds of local training of every client (shared by all methods)."""
-        folder = self.run_dir / "checkpoints" / WARMUP
-        states = [self.initial] * len(self.clients)
-        history, start, wall = [], 0, 0.0
-        loaded = load_checkpoint(folder) if resume else None
-        if loaded:
-            info, states = loaded
-            history, start, wall = info["history"], info["round"], info["wall_s"]
-        for r in range(start, self.config.warmup_rounds):
+        cfg, folder = self.config, self.checkpoints / WARMUP
+        states, history, start, wall = self._load(folder, self.driver.initial_states(self.n), [], 0.0)
+        for r in range(start, cfg.warmup_rounds):
             t0 = time.perf_counter()
-            with self._bar(len(self.clients), f"warm-up round {r + 1}/{self.config.warmup_rounds}") as bar:
-                new_states = []
-                for k in range(len(self.clients)):
-                    new_states.append(self._train(k, states[k], None, r))
-                    bar.update()
-            states = new_states
-            metrics = self._evaluate(states, [(s.adapter, None) for s in states])
+            failed = self._round(r, WARMUP, states, None, list(range(self.n)),
+                                 f"warm-up round {r + 1}/{cfg.warmup_rounds}")["failed_train"]
+            metrics, failed_eval = self._evaluate(r, WARMUP, states, None)
             wall += time.perf_counter() - t0
-            history.append({"round": r + 1, "phase": WARMUP, **metrics})
-            save_checkpoint(folder, r + 1, states, {"history": history, "wall_s": wall})
+            history.append(self._record({"round": r + 1, "phase": WARMUP}, metrics, failed, failed_eval))
+            self.driver.round_done(WARMUP, r + 1, cfg.warmup_rounds, history[-1])
+            self._save(folder, r + 1, states, history, wall)
+        never = [k for k, s in enumerate(states) if s is None]
+        if never:
+            raise RuntimeError(f"client(s) {never} uploaded nothing during warm-up; the tree needs every client's "
+                               "LoRA (raise warmup_rounds or fix those clients)")
         self.warmup_wall_s = wall
         return states, history
 
-    def run_method(self, name: str, warm_states: list[ClientState], warm_history: list[dict], resume: bool = False) -> dict:
+    def run_method(self, name: str, warm_states: list[ClientState], warm_history: list[dict]) -> dict:
+        """The method's set-up on the warm-up uploads, then its rounds; returns its `method_result`."""
         cfg = self.config
         method = make_method(name)
-        folder = self.run_dir / "checkpoints" / name
+        folder = self.checkpoints / name
         folder.mkdir(parents=True, exist_ok=True)
         decided = folder / "method.json"
-        if resume and decided.is_file():     # the tree / partitions decided after warm-up, reused as they were
+        if self.resume and decided.is_file():     # the tree / partitions decided after warm-up, reused as they were
             method.load_state(json.loads(decided.read_text()), cfg)
         else:
             method.setup([s.adapter for s in warm_states], self.weights, cfg, self.groups)
             write_json(decided, method.state())
-        states, history, start, wall = list(warm_states), [], 0, 0.0
-        loaded = load_checkpoint(folder) if resume else None
-        if loaded:
-            info, states = loaded
-            history, start, wall = info["history"], info["round"], info["wall_s"]
+        states, history, start, wall = self._load(folder, list(warm_states), [], 0.0)
         t0 = time.perf_counter()
         experts = method.aggregate([s.adapter for s in states], self.weights)
         wall += time.perf_counter() - t0
         for r in range(start, cfg.rounds):
             t0 = time.perf_counter()
             global_round = cfg.warmup_rounds + r
-            selected = select_clients(cfg, global_round, len(self.clients))
-            with self._bar(len(selected), f"{name} round {r + 1}/{cfg.rounds}") as bar:
-                for k in selected:
-                    cluster, external = experts[k]
-                    states[k] = self._train(k, ClientState(cluster, states[k].logits), external, global_round)
-                    bar.update()
+            selected = select_clients(cfg, global_round, self.n)
+            failed = self._round(global_round, name, states, experts, selected,
+                                 f"{name} round {r + 1}/{cfg.rounds}")["failed_train"]
             experts = method.aggregate([s.adapter for s in states], self.weights)
-            metrics = self._evaluate(states, experts)
+            metrics, failed_eval = self._evaluate(global_round, name, states, experts)
             wall += time.perf_counter() - t0
-            history.append({"round": global_round + 1, "phase": name, "selected": selected, **metrics})
-            save_checkpoint(folder, r + 1, states, {"history": history, "wall_s": wall})
+            history.append(self._record({"round": global_round + 1, "phase": name, "selected": selected},
+                                        metrics, failed, failed_eval))
+            self.driver.round_done(name, r + 1, cfg.rounds, history[-1])
+            self._save(folder, r + 1, states, history, wall)
         if not history and not warm_history:   # no rounds at all: evaluate the initial experts once
-            warm_history = [{"round": 0, "phase": WARMUP, **self._evaluate(states, experts)}]
+            warm_history = [{"round": 0, "phase": WARMUP, **self._evaluate(0, WARMUP, states, experts)[0]}]
         self.methods[name] = method
+        self.states, self.experts = states, experts
         return method_result(method, cfg, warm_history, history, states, experts, wall)
+
+
+class InProcess(Driver):
+    """Every client trained and evaluated in this process, one after another, on the pool's model."""
+
+    def __init__(self, pool: ClientPool, progress: bool = True):
+        self.pool, self.progress = pool, progress
+
+    def initial_states(self, n):
+        return [self.pool.initial] * n
+
+    def train(self, round_, phase, jobs, desc):
+        uploads = {}
+        with tqdm(total=len(jobs), desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True) as bar:
+            for k, (start, external) in jobs.items():
+                uploads[k] = self.pool.train(k, start, external, round_)[0]
+                bar.update()
+        return uploads
+
+    def evaluate(self, round_, phase, jobs):
+        return {k: self.pool.evaluate(k, state, external) for k, (state, external) in jobs.items()}
+
+
+class Federation:
+    """The in-process run: one ClientPool and a `Schedule` over it; `warmup()`, then `run_method()`."""
+
+    def __init__(self, config: ExperimentConfig, run_dir: str | Path, dataset: TextDataset | None = None,
+                 progress: bool = True, resume: bool = False, overwrite: bool = False):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        check_run_folder(self.run_dir, config, resume, overwrite)
+        if config.num_threads > 0:
+            torch.set_num_threads(config.num_threads)
+        self.pool = ClientPool(config, dataset if dataset is not None else load_dataset_for(config))
+        self.dataset, self.clients = self.pool.dataset, self.pool.clients
+        self.groups, self.weights = self.pool.groups, self.pool.weights
+        self.trainer = self.pool.trainer()
+        self.initial = self.pool.initial
+        self.schedule = Schedule(config, self.run_dir, InProcess(self.pool, progress), self.weights, self.groups,
+                                 resume=resume)
+        self.methods = self.schedule.methods
+
+    @property
+    def warmup_wall_s(self) -> float:
+        return self.schedule.warmup_wall_s
+
+    def warmup(self, resume: bool = False) -> tuple[list[ClientState], list[dict]]:
+        return self.schedule.warmup()
+
+    def run_method(self, name: str, warm_states: list[ClientState], warm_history: list[dict], resume: bool = False) -> dict:
+        return self.schedule.run_method(name, warm_states, warm_history)
+
+
+def check_run_folder(run_dir: Path, config: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> None:
+    """Never mix two runs in one folder: a run with other settings is refused; a finished or killed
+    run is continued (resume) or, on request only, started over (overwrite). Writes config.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.json"
+    checkpoints = run_dir / "checkpoints"
+    fresh = overwrite and not resume
+    if path.is_file() and not fresh:
+        saved = json.loads(path.read_text())
+        if saved != json.loads(json.dumps(config.to_dict())):
+            diff = sorted(k for k in saved if saved.get(k) != config.to_dict().get(k))
+            raise RunFolderError(f"run folder {run_dir} holds a run with another config (differs in {diff}); "
+                                 "use another --run-dir, the same settings, or --overwrite")
+    if checkpoints.exists() and not resume:
+        if not fresh:
+            raise RunFolderError(f"run folder {run_dir} already holds a run; resume it (--resume) or start it "
+                                 "over (--overwrite), or use another --run-dir")
+        shutil.rmtree(checkpoints)
+    write_json(path, config.to_dict())
 
 
 def run_experiment(config: ExperimentConfig, methods: list[str] | None = None, run_dir: str | Path = "runs/simulate",

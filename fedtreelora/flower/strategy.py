@@ -27,18 +27,22 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from ..client.trainer import ClientState
-from ..federation.checkpoints import load_checkpoint, save_checkpoint
 from ..federation.config import ExperimentConfig
 from ..federation.methods import make_method
-from ..federation.schedule import WARMUP, evaluation_record, method_result, select_clients
+from ..federation.schedule import Driver, Schedule
 from .messages import read_client_reply, server_content
 
 logger = logging.getLogger("flwr").getChild("fedtreelora")
 
 
-class PersonalisedStrategy:
-    """Runs one method of `methods.py` (default FedTreeLoRA) over a Flower Grid; see the module docstring."""
+class PersonalisedStrategy(Driver):
+    """Runs one method of `methods.py` (default FedTreeLoRA) over a Flower Grid; see the module docstring.
+
+    It is the `federation.schedule.Schedule`'s driver: the schedule (shared with the in-process run)
+    decides the rounds, the selection, the aggregation and the checkpoints; this class only carries
+    messages to the SuperNodes and back."""
+
+    records_failures = True
 
     def __init__(self, config: ExperimentConfig, method: str = "fedtreelora", run_dir: str | Path = "runs/flower",
                  *, round_timeout: float | None = 600.0, connect_timeout: float = 300.0, resume: bool = False):
@@ -107,92 +111,42 @@ class PersonalisedStrategy:
             self.failures.append({"round": round_ + 1, "phase": phase, "kind": kind, "client": k, "reason": str(reason)})
         return arrived
 
-    def _train(self, grid, round_, phase, states, experts, selected) -> list[int]:
-        contents = {}
-        for k in selected:
-            start = states[k] if experts is None else ClientState(experts[k][0], states[k].logits)
-            contents[k] = server_content(self.config, round_, phase, start, None if experts is None else experts[k][1])
-        arrived = self._exchange(grid, "train", round_, phase, contents)
-        for k, (_, state) in arrived.items():
-            states[k] = state
-        return sorted(set(selected) - set(arrived))
+    # -- the schedule's driver --------------------------------------------------------------
+    def initial_states(self, n):
+        return [None] * n            # round 1: each ClientApp starts from its own initial LoRA
 
-    def _evaluate(self, grid, round_, phase, states, experts) -> tuple[dict, list[int]]:
-        contents = {}
-        for k, state in enumerate(states):
-            if state is None:
-                continue            # never uploaded (failed in the first warm-up round): nothing to evaluate
-            cluster, external = (state.adapter, None) if experts is None else experts[k]
-            contents[k] = server_content(self.config, round_, phase, ClientState(cluster, state.logits), external)
-        arrived = self._exchange(grid, "evaluate", round_, phase, contents)
-        failed = sorted(set(range(len(states))) - set(arrived))
-        return evaluation_record({k: m for k, (m, _) in arrived.items()}, len(states)), failed
+    def train(self, round_, phase, jobs, desc):
+        contents = {k: server_content(self.config, round_, phase, start, external) for k, (start, external) in jobs.items()}
+        return {k: state for k, (_, state) in self._exchange(self._grid, "train", round_, phase, contents).items()}
 
-    def _checkpoint(self, folder: Path, round_: int, states, history, wall) -> None:
-        if any(s is None for s in states):
-            logger.warning("round %d: no checkpoint (client(s) %s have not uploaded yet)", round_,
-                           [k for k, s in enumerate(states) if s is None])
-            return
-        save_checkpoint(folder, round_, states, {"history": history, "wall_s": wall, "failures": self.failures})
+    def evaluate(self, round_, phase, jobs):
+        contents = {k: server_content(self.config, round_, phase, state, external) for k, (state, external) in jobs.items()}
+        return {k: metrics for k, (metrics, _) in self._exchange(self._grid, "evaluate", round_, phase, contents).items()}
 
-    def _resume(self, folder: Path, states, history, wall):
-        loaded = load_checkpoint(folder) if self.resume else None
-        if not loaded:
-            return states, history, 0, wall
-        info, states = loaded
+    def checkpoint_info(self):
+        return {"failures": self.failures}
+
+    def restore(self, info):
         self.failures = info.get("failures", self.failures)
-        logger.info("resuming %s from round %d", folder.name, info["round"])
-        return states, info["history"], info["round"], info["wall_s"]
+        logger.info("resuming from round %d", info["round"])
+
+    def round_done(self, phase, round_in_phase, total, record):
+        logger.info("%s round %d/%d: mean accuracy %.4f", phase, round_in_phase, total, record["mean_accuracy"])
 
     # -- the run ----------------------------------------------------------------------------
     def start(self, grid: Grid) -> dict:
         """Run warm-up and the method; write the run folder (as `fedtreelora simulate` does) and return its summary."""
         from ..report import write_outputs
-        cfg, n = self.config, self.config.num_clients
+        cfg = self.config
         self._connect(grid)
-        checkpoints = self.run_dir / "checkpoints"
-
-        # warm-up: local training of every client, no sharing
-        states, warm_history, start, warm_wall = self._resume(checkpoints / WARMUP, [None] * n, [], 0.0)
-        for r in range(start, cfg.warmup_rounds):
-            t0 = time.perf_counter()
-            failed_train = self._train(grid, r, WARMUP, states, None, range(n))
-            metrics, failed_eval = self._evaluate(grid, r, WARMUP, states, None)
-            warm_wall += time.perf_counter() - t0
-            warm_history.append({"round": r + 1, "phase": WARMUP, **metrics,
-                                 "failed": {"train": failed_train, "evaluate": failed_eval}})
-            logger.info("warm-up round %d/%d: mean accuracy %.4f", r + 1, cfg.warmup_rounds, metrics["mean_accuracy"])
-            self._checkpoint(checkpoints / WARMUP, r + 1, states, warm_history, warm_wall)
-        never = [k for k, s in enumerate(states) if s is None]
-        if never:
-            raise RuntimeError(f"client(s) {never} uploaded nothing during warm-up; the tree needs every client's "
-                               "LoRA (raise warmup_rounds or fix those SuperNodes)")
-
-        # the method: setup on the warm-up uploads (the tree), then personalised rounds
-        method = make_method(self.method_name)
-        method.setup([s.adapter for s in states], self.weights, cfg, self.groups)
-        name = self.method_name
-        states, history, start, wall = self._resume(checkpoints / name, list(states), [], 0.0)
-        t0 = time.perf_counter()
-        experts = method.aggregate([s.adapter for s in states], self.weights)
-        wall += time.perf_counter() - t0
-        for r in range(start, cfg.rounds):
-            t0 = time.perf_counter()
-            global_round = cfg.warmup_rounds + r
-            selected = select_clients(cfg, global_round, n)
-            failed_train = self._train(grid, global_round, name, states, experts, selected)
-            experts = method.aggregate([s.adapter for s in states], self.weights)
-            metrics, failed_eval = self._evaluate(grid, global_round, name, states, experts)
-            wall += time.perf_counter() - t0
-            history.append({"round": global_round + 1, "phase": name, "selected": selected, **metrics,
-                            "failed": {"train": failed_train, "evaluate": failed_eval}})
-            logger.info("%s round %d/%d: mean accuracy %.4f", name, r + 1, cfg.rounds, metrics["mean_accuracy"])
-            self._checkpoint(checkpoints / name, r + 1, states, history, wall)
-
-        result = method_result(method, cfg, warm_history, history, states, experts, wall)
+        self._grid = grid
+        schedule = Schedule(cfg, self.run_dir, self, self.weights, self.groups, resume=self.resume)
+        states, warm_history = schedule.warmup()
+        result = schedule.run_method(self.method_name, states, warm_history)
         summary = {"config": cfg.to_dict(), "engine": "flower", "groups": self.groups.tolist(),
-                   "weights": self.weights.tolist(), "warmup_wall_s": warm_wall, "failures": self.failures,
-                   "methods": {name: result}}
+                   "weights": self.weights.tolist(), "warmup_wall_s": schedule.warmup_wall_s, "failures": self.failures,
+                   "methods": {self.method_name: result}}
+        method = schedule.methods[self.method_name]
         write_outputs(self.run_dir, summary, tree=getattr(method, "tree", None))
-        self.states, self.experts, self.method = states, experts, method
+        self.states, self.experts, self.method = schedule.states, schedule.experts, method
         return summary
