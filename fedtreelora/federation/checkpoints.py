@@ -31,11 +31,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(folder: Path, round_: int, states: list[ClientState], info: dict) -> None:
+def save_checkpoint(folder: Path, round_: int, states: list[ClientState | None], info: dict) -> None:
+    """Commit round `round_`: every client's state (None: a client with none yet, e.g. one that joins
+    later) and the JSON-able `info`."""
     from safetensors.torch import save_file
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for k, state in enumerate(states):
+        if state is None:
+            continue
         tensors.update({f"{k}/adapter/{key}": v.contiguous() for key, v in state.adapter.items()})
         tensors.update({f"{k}/mixing/{g}": v.reshape(1) for g, v in state.logits.items()})
     name = f"round_{round_:03d}.safetensors"
@@ -46,7 +50,8 @@ def save_checkpoint(folder: Path, round_: int, states: list[ClientState], info: 
     digest = _sha256(tmp)
     os.replace(tmp, folder / name)
     write_json(folder / "state.json", {**info, "round": round_, "file": name, "sha256": digest,
-                                        "num_clients": len(states)})
+                                        "num_clients": len(states),
+                                        "absent": [k for k, state in enumerate(states) if state is None]})
     for old in folder.glob("round_*.safetensors"):
         if old.name != name:
             old.unlink()
@@ -60,7 +65,7 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated or corrupt."""
 
 
-def load_checkpoint(folder: Path) -> tuple[dict, list[ClientState]] | None:
+def load_checkpoint(folder: Path) -> tuple[dict, list[ClientState | None]] | None:
     """The last committed round of `folder` (None if nothing was committed yet).
 
     Raises CheckpointError, naming the file, when state.json or the round file it points at is
@@ -84,7 +89,8 @@ def load_checkpoint(folder: Path) -> tuple[dict, list[ClientState]] | None:
         tensors = load_file(str(data))
     except Exception as exc:  # safetensors reports a bad header or a short file in its own error type
         raise CheckpointError(f"checkpoint {data} cannot be read: {exc}") from exc
-    states = [ClientState({}, {}) for _ in range(num_clients)]
+    absent = set(info.get("absent", []))
+    states = [None if k in absent else ClientState({}, {}) for k in range(num_clients)]
     for key, v in tensors.items():
         k, kind, rest = key.split("/", 2)
         if kind == "adapter":

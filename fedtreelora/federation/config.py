@@ -51,6 +51,7 @@ class ExperimentConfig:
     num_clients: int = _f(8, "number of clients")
     num_groups: int = _f(2, "planted task groups; group g>0 sees the labels permuted (conflicting tasks); 1 = Dirichlet only")
     classes_per_group: int = _f(3, "classes a planted group draws its documents from (consecutive, cyclic, offset per group: {0,1,2} and {2,3,4} of 5); 0 = all (the labels still conflict)")
+    super_groups: int = _f(0, "super-groups the planted groups nest in (0 = none): a super-group's groups share topics and differ in what the labels mean; super-groups differ in topics")
     dirichlet_alpha: float = _f(1.0, "Dirichlet concentration of each client's label mix (smaller = more skew)")
     samples_per_client: int = _f(150, "documents per client")
     train_fraction: float = _f(2 / 3, "fraction of a client's documents used for training, the rest is its test split")
@@ -74,7 +75,10 @@ class ExperimentConfig:
     warmup_rounds: int = _f(2, "rounds of local-only training shared by all methods before the tree is built")
     warmup_head: bool = _f(True, "train the classifier head during warm-up (False: it stays at its shared initialisation, so the task signal lands in the LoRA factors the tree reads)")
     rounds: int = _f(2, "federated rounds after warm-up")
-    client_fraction: float = _f(1.0, "fraction of clients that train in a federated round")
+    client_fraction: float = _f(1.0, "fraction of clients that train in a federated round (the others are represented by their last upload)")
+    late_clients: int = _f(0, "clients that join late: the last `late_clients` of the partition skip the shared warm-up, join at federated round `late_round` with `warmup_rounds` local rounds of their own, and are placed in the tree (or the baselines' partitions) without rebuilding it")
+    late_round: int = _f(1, "federated round (1-based) at which the late clients join")
+    rebuild_every: int = _f(0, "rebuild the tree (every method's partitions) from the latest uploads every R federated rounds (0 = never, the paper's behaviour)")
     # tree (FedTreeLoRA)
     linkage: Linkage = _f(_TREE.linkage, f"linkage of the global client tree ({', '.join(LINKAGE_METHODS)})")
     metric: Metric = _f(_TREE.metric, "distance between clients' B factors (frobenius or cosine)")
@@ -143,6 +147,15 @@ class ExperimentConfig:
         for name in ("warmup_rounds", "rounds", "local_steps", "warmup_steps", "classes_per_group"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"config {name} must be >= 0, got {getattr(self, name)}")
+        if self.late_clients < 0 or self.late_clients >= self.num_clients:
+            raise ValueError(f"config late_clients must lie in [0, num_clients={self.num_clients}), got {self.late_clients}")
+        if self.late_clients and not 1 <= self.late_round <= self.rounds:
+            raise ValueError(f"config late_round must lie in [1, rounds={self.rounds}] when late_clients > 0, got {self.late_round}")
+        if self.rebuild_every < 0:
+            raise ValueError(f"config rebuild_every must be >= 0 (0 = never), got {self.rebuild_every}")
+        if self.super_groups < 0 or self.super_groups > self.num_groups or (
+                self.super_groups > 1 and self.num_groups % self.super_groups):
+            raise ValueError(f"config super_groups must be 0 or divide num_groups ({self.num_groups}), got {self.super_groups}")
         if self.num_groups > self.num_clients:
             raise ValueError(f"config num_groups ({self.num_groups}) exceeds num_clients ({self.num_clients})")
         if not 0.0 < self.train_fraction < 1.0:

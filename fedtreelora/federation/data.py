@@ -143,7 +143,7 @@ def group_classes(group: int, num_groups: int, classes: list[int], per_group: in
 
 def partition(labels: np.ndarray, num_clients: int, samples_per_client: int, *, num_groups: int = 1,
               alpha: float = 1.0, train_fraction: float = 2 / 3, seed: int = 0,
-              classes_per_group: int = 0) -> list[ClientData]:
+              classes_per_group: int = 0, super_groups: int = 0) -> list[ClientData]:
     """Split documents over clients.
 
     Each client draws a label mix p ~ Dirichlet(alpha) over its group's classes (`group_classes`:
@@ -153,6 +153,11 @@ def partition(labels: np.ndarray, num_clients: int, samples_per_client: int, *, 
     document twice). Clients are assigned round-robin to `num_groups`
     groups; a client of group g sees label `group_permutation(g)[y]` for a document of class y.
     The first `train_fraction` of a client's documents (in random order) are its train split.
+
+    With `super_groups` = S > 1 the groups are nested in S super-groups (groups g*S//num_groups
+    share super-group s): the class subset is the super-group's (`group_classes(s, S, ...)`) and
+    the label rotation is the group's rank inside its super-group, so groups of one super-group
+    see the same inputs with conflicting labels, and super-groups see different inputs.
     """
     labels = np.asarray(labels, dtype=np.int64)
     if num_clients < 1 or samples_per_client < 2:
@@ -164,6 +169,8 @@ def partition(labels: np.ndarray, num_clients: int, samples_per_client: int, *, 
         raise ValueError(f"alpha must be > 0, got {alpha}")
     if classes_per_group < 0:
         raise ValueError(f"classes_per_group must be >= 0 (0 = every class), got {classes_per_group}")
+    if super_groups < 0 or super_groups > num_groups or (super_groups > 1 and num_groups % super_groups):
+        raise ValueError(f"super_groups must be 0 (none) or divide num_groups={num_groups}, got {super_groups}")
     num_labels = int(labels.max()) + 1
     rng = np.random.default_rng(seed)
     classes = [c for c in range(num_labels) if np.any(labels == c)]
@@ -173,7 +180,13 @@ def partition(labels: np.ndarray, num_clients: int, samples_per_client: int, *, 
     clients = []
     for k in range(num_clients):
         group = k % num_groups
-        own = group_classes(group, num_groups, classes, classes_per_group)
+        if super_groups > 1:   # nested: topics by super-group, label meaning by rank inside it
+            per_super = num_groups // super_groups
+            own = group_classes(group // per_super, super_groups, classes, classes_per_group)
+            rotation = group % per_super
+        else:
+            own = group_classes(group, num_groups, classes, classes_per_group)
+            rotation = group
         counts = rng.multinomial(samples_per_client, rng.dirichlet([alpha] * len(own)))
         idx = []
         for c, count in zip(own, counts):
@@ -187,6 +200,6 @@ def partition(labels: np.ndarray, num_clients: int, samples_per_client: int, *, 
                 taken.add(pools[c][-1])
                 idx.append(pools[c].pop())
         idx = rng.permutation(np.array(idx, dtype=np.int64))
-        seen = group_permutation(group, num_labels)[labels[idx]]
+        seen = group_permutation(rotation, num_labels)[labels[idx]]
         clients.append(ClientData(k, group, idx[:n_train], seen[:n_train], idx[n_train:], seen[n_train:]))
     return clients

@@ -26,6 +26,10 @@ class Method:
     def aggregate(self, states: list[dict], weights: np.ndarray) -> Experts:
         raise NotImplementedError
 
+    def extend(self, old_states: list[dict], new_states: list[dict], weights: np.ndarray, groups: np.ndarray) -> None:
+        """Clients that join after set-up (`late_clients`): place them without deciding again."""
+        raise NotImplementedError(f"method {self.name!r} cannot take clients that join late")
+
     def summary(self) -> dict:
         return {}
 
@@ -37,9 +41,24 @@ class Method:
         self.config = config
 
 
+def nearest_clusters(d: torch.Tensor, labels: np.ndarray) -> np.ndarray:
+    """For each client after the first len(labels) of d [N+M, N+M], the cluster of the first N whose
+    members are nearest on average (the average-linkage rule)."""
+    n = len(labels)
+    dd = d[n:, :n].double().numpy()
+    clusters = np.unique(labels)
+    means = np.stack([dd[:, labels == c].mean(1) for c in clusters], axis=1)   # [M, C]
+    return clusters[means.argmin(1)]
+
+
 class _Segmented(Method):
-    """Methods defined by a partition of the clients per transformer layer (the head follows the deepest)."""
+    """Methods defined by a partition of the clients per transformer layer (the head follows the deepest).
+
+    `placement` says how a late client is placed: "rule" (the method's rule for N + M clients),
+    "mean" (the nearest cluster under the mean B distance, at every layer) or "layer" (the nearest
+    cluster of each layer under that layer's B distance)."""
     mixing = False
+    placement = "rule"
 
     def layer_labels(self, n_layers: int, n: int) -> np.ndarray:
         raise NotImplementedError
@@ -55,6 +74,19 @@ class _Segmented(Method):
     def aggregate(self, states, weights):
         experts = self.experts(states, weights)
         return experts if self.mixing else [(cluster, None) for cluster, _ in experts]
+
+    def extend(self, old_states, new_states, weights, groups):
+        n_old, n = len(old_states), len(old_states) + len(new_states)
+        if self.placement == "rule":
+            self.groups = np.asarray(groups)
+            self.labels = np.asarray(self.layer_labels(self.labels.shape[0], n), dtype=np.int64)
+            return
+        per_layer, mean = client_distances(list(old_states) + list(new_states), self.config.metric)
+        if self.placement == "mean":
+            new = np.tile(nearest_clusters(mean, self.labels[0][:n_old]), (self.labels.shape[0], 1))
+        else:
+            new = np.stack([nearest_clusters(d, row[:n_old]) for d, row in zip(per_layer, self.labels)])
+        self.labels = np.concatenate([self.labels[:, :n_old], new], axis=1)
 
     def summary(self):
         return {"n_clusters": [int(len(set(row))) for row in self.labels], "labels": self.labels.tolist()}
@@ -89,7 +121,7 @@ class OracleGroups(_Segmented):
         super().setup(warm_states, weights, config, groups)
 
     def layer_labels(self, n_layers, n):
-        return np.tile(self.groups, (n_layers, 1))
+        return np.tile(self.groups[:n], (n_layers, 1))
 
 
 class FedSA(_Segmented):
@@ -118,6 +150,7 @@ def _global_linkage(states, config):
 
 class _OnePartition(_Segmented):
     """Methods that decide one partition of the clients (`self.partition`) and use it at every layer."""
+    placement = "mean"
 
     def layer_labels(self, n_layers, n):
         return np.tile(self.partition, (n_layers, 1))
@@ -147,6 +180,8 @@ class PerLayerClusters(_Segmented):
     name, description = "ablation-perlayer", "ablation: each layer clustered on its own distances (no global tree, no nesting), with experts"
     mixing = True
 
+    placement = "layer"
+
     def setup(self, warm_states, weights, config, groups):
         per_layer, _ = client_distances(warm_states, config.metric)
         rows = [choose_cuts(d[None], ops.linkage(d, config.linkage), window=None, tau=config.tau)[1][0].numpy()
@@ -170,6 +205,10 @@ class FedTreeLoRA(Method):
                         config=self.tree_config)
         return list(zip(res.cluster_states, res.external_states))
 
+    def extend(self, old_states, new_states, weights, groups):
+        from ..core import extend_tree   # places each new client layer by layer, inside its cluster above
+        self.tree = extend_tree(self.tree, old_states, new_states)
+
     def summary(self):
         return {"n_clusters": [int(c) for c in np.asarray(self.tree.n_clusters).reshape(-1)],
                 "labels": np.asarray(self.tree.labels).tolist()}
@@ -178,6 +217,7 @@ class FedTreeLoRA(Method):
         return {"tree": self.tree.to_dict()}
 
     def load_state(self, state, config):
+        self.config = config
         self.tree = AggregationTree.from_dict(state["tree"])
         self.tree_config = self.tree.config
 

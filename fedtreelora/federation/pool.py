@@ -31,7 +31,8 @@ class ClientPool:
         self.dataset = dataset
         self.clients = partition(dataset.labels, config.num_clients, config.samples_per_client,
                                  num_groups=config.num_groups, alpha=config.dirichlet_alpha,
-                                 classes_per_group=config.classes_per_group, train_fraction=config.train_fraction,
+                                 classes_per_group=config.classes_per_group, super_groups=config.super_groups,
+                                 train_fraction=config.train_fraction,
                                  seed=config.seed)
         self.groups = np.array([c.group for c in self.clients])
         self.weights = np.array([c.num_train for c in self.clients], dtype=np.float64)

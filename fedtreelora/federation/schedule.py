@@ -115,26 +115,28 @@ class Schedule:
         self.n = len(self.weights)
         self.methods: dict[str, Method] = {}
         self.warmup_wall_s = 0.0
+        self._loaded_method = None   # what a resumed checkpoint says the method had decided
 
     def _load(self, folder: Path, states, history, wall):
+        self._loaded_method = None
         loaded = load_checkpoint(folder) if self.resume else None
         if not loaded:
             return states, history, 0, wall
         info, states = loaded
         self.driver.restore(info)
+        self._loaded_method = info.get("method")
         return states, info["history"], info["round"], info["wall_s"]
 
-    def _save(self, folder: Path, round_: int, states, history, wall) -> None:
-        if any(s is None for s in states):
-            logger.warning("round %d: no checkpoint (client(s) %s have not uploaded yet)", round_,
-                           [k for k, s in enumerate(states) if s is None])
-            return
-        save_checkpoint(folder, round_, states, {"history": history, "wall_s": wall, **self.driver.checkpoint_info()})
+    def _save(self, folder: Path, round_: int, states, history, wall, method: Method | None = None) -> None:
+        info = {"history": history, "wall_s": wall, **self.driver.checkpoint_info()}
+        if method is not None:
+            info["method"] = method.state()   # what the round's experts came from (a join or rebuild changes it)
+        save_checkpoint(folder, round_, states, info)
 
     def _round(self, r: int, phase: str, states: list, experts, selected: list[int], desc: str) -> dict:
         """Train `selected` (from their experts; in warm-up from their own states), evaluate everyone."""
         jobs = {k: (states[k], None) if experts is None else (ClientState(experts[k][0], states[k].logits), experts[k][1])
-                for k in selected}
+                for k in selected}   # a client absent so far (None) starts from its own initial state
         arrived = self.driver.train(r, phase, jobs, desc)
         for k, upload in arrived.items():
             states[k] = upload
@@ -153,29 +155,53 @@ class Schedule:
             record["failed"] = {"train": failed_train, "evaluate": failed_eval}
         return record
 
-    def warmup(self) -> tuple[list[ClientState], list[dict]]:
-        """`warmup_rounds` rounds of local training of every client (shared by all methods)."""
-        cfg, folder = self.config, self.checkpoints / WARMUP
-        states, history, start, wall = self._load(folder, self.driver.initial_states(self.n), [], 0.0)
+    @property
+    def n_early(self) -> int:
+        """The clients present from the start (the late ones are the last `late_clients`)."""
+        return self.n - self.config.late_clients
+
+    def warmup(self) -> tuple[list[ClientState | None], list[dict]]:
+        """`warmup_rounds` rounds of local training of every early client (shared by all methods)."""
+        cfg, folder, early = self.config, self.checkpoints / WARMUP, self.n_early
+        initial = self.driver.initial_states(self.n)
+        initial = initial[:early] + [None] * (self.n - early)   # late clients have nothing yet
+        states, history, start, wall = self._load(folder, initial, [], 0.0)
         for r in range(start, cfg.warmup_rounds):
             t0 = time.perf_counter()
-            failed = self._round(r, WARMUP, states, None, list(range(self.n)),
+            failed = self._round(r, WARMUP, states, None, list(range(early)),
                                  f"warm-up round {r + 1}/{cfg.warmup_rounds}")["failed_train"]
             metrics, failed_eval = self._evaluate(r, WARMUP, states, None)
             wall += time.perf_counter() - t0
             history.append(self._record({"round": r + 1, "phase": WARMUP}, metrics, failed, failed_eval))
             self.driver.round_done(WARMUP, r + 1, cfg.warmup_rounds, history[-1])
             self._save(folder, r + 1, states, history, wall)
-        never = [k for k, s in enumerate(states) if s is None]
+        never = [k for k, s in enumerate(states[:early]) if s is None]
         if never:
             raise RuntimeError(f"client(s) {never} uploaded nothing during warm-up; the tree needs every client's "
                                "LoRA (raise warmup_rounds or fix those clients)")
         self.warmup_wall_s = wall
         return states, history
 
-    def run_method(self, name: str, warm_states: list[ClientState], warm_history: list[dict]) -> dict:
-        """The method's set-up on the warm-up uploads, then its rounds; returns its `method_result`."""
-        cfg = self.config
+    def _join(self, method: Method, states: list, name: str) -> None:
+        """The late clients' own local warm-up (the warm-up's rounds and seeds), then their placement."""
+        cfg, early, late = self.config, self.n_early, list(range(self.n_early, self.n))
+        initial = self.driver.initial_states(self.n)
+        for k in late:
+            states[k] = initial[k]
+        for r in range(cfg.warmup_rounds):
+            failed = self._round(r, WARMUP, states, None, late, f"{name}: late clients' warm-up {r + 1}/{cfg.warmup_rounds}")
+            if failed["failed_train"]:
+                raise RuntimeError(f"late client(s) {failed['failed_train']} failed their warm-up")
+        method.extend([s.adapter for s in states[:early]], [states[k].adapter for k in late], self.weights, self.groups)
+
+    def run_method(self, name: str, warm_states: list[ClientState | None], warm_history: list[dict]) -> dict:
+        """The method's set-up on the warm-up uploads, then its rounds; returns its `method_result`.
+
+        With `late_clients`, the late clients join at `late_round` (their own warm-up, then
+        `method.extend`); with `rebuild_every` = R, the method decides again from the latest uploads
+        after every R-th round. What the method decided is kept with every checkpoint, so a resumed
+        run continues with the tree it had."""
+        cfg, early = self.config, self.n_early
         method = make_method(name)
         folder = self.checkpoints / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -183,25 +209,43 @@ class Schedule:
         if self.resume and decided.is_file():     # the tree / partitions decided after warm-up, reused as they were
             method.load_state(json.loads(decided.read_text()), cfg)
         else:
-            method.setup([s.adapter for s in warm_states], self.weights, cfg, self.groups)
+            method.setup([s.adapter for s in warm_states[:early]], self.weights[:early], cfg, self.groups[:early])
             write_json(decided, method.state())
         states, history, start, wall = self._load(folder, list(warm_states), [], 0.0)
+        if self._loaded_method is not None:       # decided later than warm-up (a join or a rebuild)
+            method.load_state(self._loaded_method, cfg)
+        present = lambda: sum(s is not None for s in states)   # noqa: E731  (early clients, then the late)
+
+        def experts_now():
+            m = present()
+            return method.aggregate([s.adapter for s in states[:m]], self.weights[:m]) + [(None, None)] * (self.n - m)
+
         t0 = time.perf_counter()
-        experts = method.aggregate([s.adapter for s in states], self.weights)
+        experts = experts_now()
         wall += time.perf_counter() - t0
         for r in range(start, cfg.rounds):
             t0 = time.perf_counter()
             global_round = cfg.warmup_rounds + r
-            selected = select_clients(cfg, global_round, self.n)
+            base = {"round": global_round + 1, "phase": name}
+            if cfg.late_clients and r == cfg.late_round - 1 and present() < self.n:
+                self._join(method, states, name)
+                experts = experts_now()
+                base["joined"] = list(range(early, self.n))
+            selected = select_clients(cfg, global_round, present())
+            base["selected"] = selected
             failed = self._round(global_round, name, states, experts, selected,
                                  f"{name} round {r + 1}/{cfg.rounds}")["failed_train"]
-            experts = method.aggregate([s.adapter for s in states], self.weights)
+            experts = experts_now()
             metrics, failed_eval = self._evaluate(global_round, name, states, experts)
+            if cfg.rebuild_every and (r + 1) % cfg.rebuild_every == 0 and r + 1 < cfg.rounds:
+                m = present()   # decide again from the latest uploads; used from the next round on
+                method.setup([s.adapter for s in states[:m]], self.weights[:m], cfg, self.groups[:m])
+                experts = experts_now()
+                base["rebuilt"] = True
             wall += time.perf_counter() - t0
-            history.append(self._record({"round": global_round + 1, "phase": name, "selected": selected},
-                                        metrics, failed, failed_eval))
+            history.append(self._record(base, metrics, failed, failed_eval))
             self.driver.round_done(name, r + 1, cfg.rounds, history[-1])
-            self._save(folder, r + 1, states, history, wall)
+            self._save(folder, r + 1, states, history, wall, method)
         if not history and not warm_history:   # no rounds at all: evaluate the initial experts once
             warm_history = [{"round": 0, "phase": WARMUP, **self._evaluate(0, WARMUP, states, experts)[0]}]
         self.methods[name] = method
