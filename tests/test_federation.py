@@ -158,3 +158,24 @@ def test_simulate_command_settings_and_help(tmp_path, capsys):
     assert "unknown config key(s) ['round']" in capsys.readouterr().err
     assert simulate.run(parser.parse_args(["--set", "num_groups=20"])) == 2
     assert "num_groups (20) exceeds num_clients (8)" in capsys.readouterr().err
+
+
+def test_mixing_ablations_hold_lam(model_path, tmp_path, monkeypatch):
+    """ablation-lam05 trains with lam held at 0.5 (never in the optimiser); ablation-lam1 gets no external expert."""
+    seen = []
+    original = LocalTrainer.train
+
+    def spy(self, *args, **kwargs):
+        seen.append((kwargs.get("train_mixing", True), sorted(float(torch.sigmoid(v)) for v in self.mixer.logits.values()),
+                     bool(self.mixer.active_groups)))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalTrainer, "train", spy)
+    cfg = tiny_config(model_path, num_clients=4, rounds=1)
+    summary = run_experiment(cfg, ["ablation-lam05", "ablation-lam1"], tmp_path / "run", dataset=tiny_dataset(), progress=False)
+    warm = 4 * cfg.warmup_rounds
+    half, one = seen[warm:warm + 4], seen[warm + 4:]
+    assert all(not trains and lams == pytest.approx([0.5] * len(lams)) for trains, lams, _ in half)
+    assert all(trains and not active for trains, _, active in one)         # no external: a plain LoRA
+    assert all(v == 0.5 for lams in summary["methods"]["ablation-lam05"]["lam"].values() for v in lams.values())
+    assert summary["methods"]["ablation-lam1"]["lam"] == {}

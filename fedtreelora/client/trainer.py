@@ -82,10 +82,12 @@ class LocalTrainer:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         return batch, torch.as_tensor(labels, dtype=torch.long, device=self.device)
 
-    def train(self, train_idx: np.ndarray, train_labels: np.ndarray, seed: int, train_head: bool = True) -> dict:
+    def train(self, train_idx: np.ndarray, train_labels: np.ndarray, seed: int, train_head: bool = True,
+              train_mixing: bool = True) -> dict:
         """AdamW (+ scheduler, gradient clipping) for `num_steps` batches drawn by epochs of a seeded shuffle.
 
-        train_head=False trains the LoRA factors only (the head, PEFT `modules_to_save`, stays as loaded)."""
+        train_head=False trains the LoRA factors only (the head, PEFT `modules_to_save`, stays as loaded);
+        train_mixing=False keeps lam where it was loaded (the fixed-lam ablation)."""
         from transformers import get_scheduler
         cfg = self.config
         if len(train_idx) == 0:
@@ -93,7 +95,7 @@ class LocalTrainer:
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         lora_params = [p for n, p in self.model.named_parameters() if p.requires_grad and (train_head or "lora_" in n)]
-        mix_params = [self.mixer.logits[g] for g in sorted(self.mixer.active_groups)]
+        mix_params = [self.mixer.logits[g] for g in sorted(self.mixer.active_groups)] if train_mixing else []
         groups = [{"params": lora_params, "lr": cfg.lr}]
         if mix_params:
             groups.append({"params": mix_params, "lr": cfg.mixing_lr, "weight_decay": 0.0})

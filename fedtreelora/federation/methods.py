@@ -19,6 +19,7 @@ Experts = list[tuple[dict, "dict | None"]]
 class Method:
     name = ""
     description = ""
+    fixed_lam: float | None = None   # lam held at this value instead of learnt (the mixing ablation)
 
     def setup(self, warm_states: list[dict], weights: np.ndarray, config, groups: np.ndarray) -> None:
         """Called once after warm-up with the clients' adapters (and the true groups, for oracles only)."""
@@ -222,9 +223,22 @@ class FedTreeLoRA(Method):
         self.tree_config = self.tree.config
 
 
+class FixedLamOne(FedTreeLoRA):
+    name, description = "ablation-lam1", "ablation: FedTreeLoRA with lam fixed at 1 (the cluster expert alone, no external expert)"
+
+    def aggregate(self, states, weights):
+        return [(cluster, None) for cluster, _ in super().aggregate(states, weights)]
+
+
+class FixedLamHalf(FedTreeLoRA):
+    name, description = "ablation-lam05", "ablation: FedTreeLoRA with lam fixed at 0.5 (cluster and external experts averaged)"
+    fixed_lam = 0.5
+
+
 METHODS = {cls.name: cls for cls in (FedTreeLoRA, LocalOnly, FedIT, FedSA, FlatClusters, FedALT,
-                                     FixedClusters, PerLayerClusters, OracleGroups)}
-DEFAULT_METHODS = [name for name in METHODS if name != "oracle-groups"]
+                                     FixedClusters, PerLayerClusters, FixedLamOne, FixedLamHalf, OracleGroups)}
+# the default run: the method, the baselines and the structural ablations (the mixing ablations on request)
+DEFAULT_METHODS = [name for name in METHODS if name not in ("oracle-groups", "ablation-lam1", "ablation-lam05")]
 
 
 def make_method(name: str) -> Method:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import torch
 
 from ..client.trainer import ClientState, LocalTrainer
 from .config import ExperimentConfig
@@ -65,17 +66,23 @@ class ClientPool:
             raise ValueError(f"client {k} is outside the experiment's {len(self.clients)} clients")
         return self.clients[k]
 
-    def train(self, k: int, start: ClientState | None, external, round_: int) -> tuple[ClientState, dict]:
+    def train(self, k: int, start: ClientState | None, external, round_: int,
+              fixed_lam: float | None = None) -> tuple[ClientState, dict]:
         """Client k's local run of round `round_` (0-based, warm-up rounds first) from `start` (None:
-        the initial state) with `external` frozen; returns (its upload, the training info)."""
+        the initial state) with `external` frozen; returns (its upload, the training info).
+        fixed_lam: lam held at this value (not trained) instead of learnt."""
         client, cfg = self.client(k), self.config
         with self.lock:
             trainer = self.trainer()
             start = start if start is not None else self._initial
+            if fixed_lam is not None:
+                logit = torch.logit(torch.tensor(float(fixed_lam)))
+                start = ClientState(start.adapter, {g: logit.clone() for g in start.logits})
             trainer.load(start, external)
             # the head trains in warm-up only when warmup_head is set (else it stays at its shared init)
             info = trainer.train(client.train_idx, client.train_labels, seed=derived_seed(cfg.seed, round_, k),
-                                 train_head=cfg.warmup_head or round_ >= cfg.warmup_rounds)
+                                 train_head=cfg.warmup_head or round_ >= cfg.warmup_rounds,
+                                 train_mixing=fixed_lam is None)
             return trainer.upload(start, seed=derived_seed(cfg.seed, round_, k, 1)), info
 
     def evaluate(self, k: int, state: ClientState, external) -> dict:

@@ -58,8 +58,9 @@ def method_result(method: Method, config: ExperimentConfig, warm_history: list[d
                   states: list[ClientState], experts, wall_s: float) -> dict:
     """The record of one method's run: its history, final per-client metrics and learnt lam."""
     final = history[-1] if history else warm_history[-1]
-    lams = {str(k): {g: float(torch.sigmoid(v)) for g, v in s.logits.items()}
-            for k, s in enumerate(states) if experts[k][1] is not None}
+    lams = {str(k): {g: float(torch.sigmoid(v)) if method.fixed_lam is None else float(method.fixed_lam)
+                     for g, v in s.logits.items()}
+            for k, s in enumerate(states) if s is not None and experts[k][1] is not None}
     return {"method": method.name, "description": method.description, "history": warm_history + history,
             "mean_accuracy": final["mean_accuracy"], "std_accuracy": final["std_accuracy"],
             "accuracy": final["accuracy"], "rounds": config.warmup_rounds + config.rounds, "wall_s": wall_s,
@@ -81,8 +82,9 @@ class Driver:
         raise NotImplementedError
 
     def train(self, round_: int, phase: str, jobs: dict[int, tuple[ClientState | None, dict | None]],
-              desc: str) -> dict[int, ClientState]:
-        """Train client k from jobs[k] = (start, external expert) in round `round_` (0-based); the uploads."""
+              desc: str, fixed_lam: float | None = None) -> dict[int, ClientState]:
+        """Train client k from jobs[k] = (start, external expert) in round `round_` (0-based); the uploads.
+        fixed_lam: hold lam at this value instead of training it."""
         raise NotImplementedError
 
     def evaluate(self, round_: int, phase: str, jobs: dict[int, tuple[ClientState, dict | None]]) -> dict[int, dict]:
@@ -133,17 +135,23 @@ class Schedule:
             info["method"] = method.state()   # what the round's experts came from (a join or rebuild changes it)
         save_checkpoint(folder, round_, states, info)
 
-    def _round(self, r: int, phase: str, states: list, experts, selected: list[int], desc: str) -> dict:
+    def _round(self, r: int, phase: str, states: list, experts, selected: list[int], desc: str,
+               fixed_lam: float | None = None) -> dict:
         """Train `selected` (from their experts; in warm-up from their own states), evaluate everyone."""
         jobs = {k: (states[k], None) if experts is None else (ClientState(experts[k][0], states[k].logits), experts[k][1])
                 for k in selected}   # a client absent so far (None) starts from its own initial state
-        arrived = self.driver.train(r, phase, jobs, desc)
+        arrived = self.driver.train(r, phase, jobs, desc, fixed_lam) if fixed_lam is not None else \
+            self.driver.train(r, phase, jobs, desc)
         for k, upload in arrived.items():
             states[k] = upload
         return {"failed_train": sorted(set(selected) - set(arrived))}
 
-    def _evaluate(self, r: int, phase: str, states: list, experts) -> dict:
-        jobs = {k: (s, None) if experts is None else (ClientState(experts[k][0], s.logits), experts[k][1])
+    def _evaluate(self, r: int, phase: str, states: list, experts, fixed_lam: float | None = None) -> dict:
+        def logits(s):
+            if fixed_lam is None:
+                return s.logits
+            return {g: torch.logit(torch.tensor(float(fixed_lam))) for g in s.logits}
+        jobs = {k: (s, None) if experts is None else (ClientState(experts[k][0], logits(s)), experts[k][1])
                 for k, s in enumerate(states) if s is not None}  # never uploaded: nothing to evaluate
         results = self.driver.evaluate(r, phase, jobs)
         record = evaluation_record(results, len(states))
@@ -234,9 +242,9 @@ class Schedule:
             selected = select_clients(cfg, global_round, present())
             base["selected"] = selected
             failed = self._round(global_round, name, states, experts, selected,
-                                 f"{name} round {r + 1}/{cfg.rounds}")["failed_train"]
+                                 f"{name} round {r + 1}/{cfg.rounds}", method.fixed_lam)["failed_train"]
             experts = experts_now()
-            metrics, failed_eval = self._evaluate(global_round, name, states, experts)
+            metrics, failed_eval = self._evaluate(global_round, name, states, experts, method.fixed_lam)
             if cfg.rebuild_every and (r + 1) % cfg.rebuild_every == 0 and r + 1 < cfg.rounds:
                 m = present()   # decide again from the latest uploads; used from the next round on
                 method.setup([s.adapter for s in states[:m]], self.weights[:m], cfg, self.groups[:m])
@@ -262,11 +270,11 @@ class InProcess(Driver):
     def initial_states(self, n):
         return [self.pool.initial] * n
 
-    def train(self, round_, phase, jobs, desc):
+    def train(self, round_, phase, jobs, desc, fixed_lam=None):
         uploads = {}
         with tqdm(total=len(jobs), desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True) as bar:
             for k, (start, external) in jobs.items():
-                uploads[k] = self.pool.train(k, start, external, round_)[0]
+                uploads[k] = self.pool.train(k, start, external, round_, fixed_lam=fixed_lam)[0]
                 bar.update()
         return uploads
 

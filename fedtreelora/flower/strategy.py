@@ -46,7 +46,9 @@ class PersonalisedStrategy(Driver):
 
     def __init__(self, config: ExperimentConfig, method: str = "fedtreelora", run_dir: str | Path = "runs/flower",
                  *, round_timeout: float | None = 600.0, connect_timeout: float = 300.0, resume: bool = False):
-        make_method(method)           # fail on a typo before any node is contacted
+        if make_method(method).fixed_lam is not None:   # also fails on a typo before any node is contacted
+            raise ValueError(f"method {method!r} holds lam fixed, which the Flower apps do not carry yet; run it "
+                             "with `fedtreelora simulate`")
         config.validate()
         self.config = config
         self.method_name = method
