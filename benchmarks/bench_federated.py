@@ -1,10 +1,14 @@
-"""Federated benchmark: every method on the planted-groups and the Dirichlet-only settings, 3 seeds.
+"""Federated benchmark: every method on the settings of configs/ (planted groups, Dirichlet-only,
+hierarchical), 3 seeds.
 
-    python benchmarks/bench_federated.py [--seeds 0 1 2] [--methods ...] [--config FILE] [--out benchmarks/results]
+    python benchmarks/bench_federated.py [--settings hierarchical] [--seeds 0 1 2] [--methods ...] [--out benchmarks/results]
 
-Writes benchmarks/results/federated.json (per setting, method and seed: mean/std client accuracy,
-wall time) and federated.md (mean over seeds +- std over seeds of the mean client accuracy), and
-prints the table. A run replaces only the settings it ran (read-merge-write under a file lock), so
+Writes benchmarks/results/federated.json (per setting, method and seed: mean/std and per-client
+accuracy, wall time, cuts) and federated.md (mean over seeds +- std over seeds of the mean client
+accuracy, and per seed the paired difference fedtreelora minus each method), two figures per
+setting (federated-<setting>-methods.png: mean accuracy per method with error bars over seeds;
+federated-<setting>-clients.png: each client's accuracy against local training's), and prints the
+table. A run replaces only the settings it ran (read-merge-write under a file lock), so
 the two settings can run as two processes side by side (`--settings planted-groups --threads 1` and
 `--settings dirichlet-only --threads 1` on 2 cores). Long: about (#methods x 1 min + warm-up) per
 setting and seed on 2 CPU cores.
@@ -22,17 +26,19 @@ from fedtreelora.federation.config import ExperimentConfig
 from fedtreelora.federation.schedule import run_experiment
 from fedtreelora.federation.methods import METHODS
 
-SETTINGS = {
-    "planted-groups": {"num_groups": 2, "classes_per_group": 3},
-    "dirichlet-only": {"num_groups": 1, "classes_per_group": 0},
-}
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SETTINGS = {name: CONFIGS / f"{name}.yaml" for name in ("planted-groups", "dirichlet-only", "hierarchical")}
+
+
+def setting_config(name: str) -> ExperimentConfig:
+    return ExperimentConfig.from_file(SETTINGS[name])
 
 
 def markdown(results: dict) -> str:
     lines = []
     for setting in [s for s in SETTINGS if s in results]:
         by_method = results[setting]
-        lines += [f"\n**{setting}** ({json.dumps(SETTINGS[setting])}; mean client accuracy, mean ± std over seeds)\n",
+        lines += [f"\n**{setting}** (`configs/{setting}.yaml`; mean client accuracy, mean ± std over seeds)\n",
                   "| method | accuracy (%) | seeds | deepest cut vs planted groups (ARI) | wall per run (s) |",
                   "|---|---:|---:|---:|---:|"]
         for name, runs in by_method.items():
@@ -41,7 +47,26 @@ def markdown(results: dict) -> str:
             aris = [r.get("deepest_ari") for r in runs]
             ari = "-" if any(a is None for a in aris) else " / ".join(f"{a:.2f}" for a in aris)
             lines.append(f"| {name} | {acc.mean():.1f} ± {acc.std():.1f} | {len(runs)} | {ari} | {wall:.0f} |")
+        lines += paired(by_method)
     return "\n".join(lines).strip() + "\n"
+
+
+def paired(by_method: dict) -> list[str]:
+    """Per seed, fedtreelora's mean client accuracy minus each method's (points), and their mean."""
+    if "fedtreelora" not in by_method:
+        return []
+    ours = {r["seed"]: r["mean_accuracy"] for r in by_method["fedtreelora"]}
+    seeds = sorted(ours)
+    lines = ["", "fedtreelora minus each method, per seed (points of mean client accuracy):", "",
+             "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|---|" + "---:|" * (len(seeds) + 1)]
+    for name, runs in by_method.items():
+        if name == "fedtreelora":
+            continue
+        theirs = {r["seed"]: r["mean_accuracy"] for r in runs}
+        diffs = [100 * (ours[s] - theirs[s]) for s in seeds if s in theirs]
+        if diffs:
+            lines.append(f"| {name} | " + " | ".join(f"{d:+.1f}" for d in diffs) + f" | {np.mean(diffs):+.1f} |")
+    return lines
 
 
 def deepest_ari(method_state: dict, groups: list[int]) -> float | None:
@@ -53,12 +78,12 @@ def deepest_ari(method_state: dict, groups: list[int]) -> float | None:
     return float(adjusted_rand_score(groups, labels[-1]))
 
 
-def save(json_path: Path, base: ExperimentConfig, results: dict, wall_s: float) -> dict:
+def save(json_path: Path, results: dict, wall_s: float) -> dict:
     """Merge this run's settings into federated.json (other settings' results are kept)."""
     from filelock import FileLock
     with FileLock(str(json_path) + ".lock"):
         old = json.loads(json_path.read_text()) if json_path.is_file() else {}
-        merged = {"config": base.to_dict(), "settings": SETTINGS,
+        merged = {"settings": {**old.get("settings", {}), **{s: setting_config(s).to_dict() for s in results}},
                   "results": {**old.get("results", {}), **results},
                   "wall_s": {**old.get("wall_s", {}), **{s: wall_s for s in results}}}
         tmp = json_path.with_suffix(".tmp")
@@ -72,14 +97,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--config", help="YAML/JSON base settings (as for `fedtreelora simulate`)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--run-root", default="runs/bench_federated")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads of this process (0 = torch's default)")
     args = parser.parse_args(argv)
-    base = ExperimentConfig.from_file(args.config) if args.config else ExperimentConfig()
-    if args.threads:
-        base = base.replace(num_threads=args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "federated.json"
@@ -88,18 +109,25 @@ def main(argv=None) -> int:
     for setting in args.settings:
         results[setting] = {m: [] for m in args.methods}
         for seed in args.seeds:
-            cfg = base.replace(seed=seed, **SETTINGS[setting])
+            cfg = setting_config(setting).replace(seed=seed, **({"num_threads": args.threads} if args.threads else {}))
             summary = run_experiment(cfg, args.methods, Path(args.run_root) / f"{setting}-seed{seed}", resume=True)
             for name, r in summary["methods"].items():
                 results[setting][name].append({"seed": seed, "mean_accuracy": r["mean_accuracy"],
                                                "std_accuracy": r["std_accuracy"], "wall_s": r["wall_s"],
+                                               "accuracy": r["accuracy"],
                                                "warmup_wall_s": summary["warmup_wall_s"],
                                                "n_clusters": r["method_state"].get("n_clusters"),
                                                "deepest_ari": deepest_ari(r["method_state"], summary["groups"])})
             # written after every seed so a long run leaves what it measured
-            merged = save(json_path, base, results, time.perf_counter() - started)
+            merged = save(json_path, results, time.perf_counter() - started)
     table = markdown(merged["results"])
     (out / "federated.md").write_text(table)
+    from fedtreelora.report import plot_per_client_against, plot_seed_means
+    for setting in args.settings:
+        plot_seed_means(merged["results"][setting], out / f"federated-{setting}-methods.png", title=setting)
+        if "local" in merged["results"][setting]:
+            plot_per_client_against(merged["results"][setting], "local", out / f"federated-{setting}-clients.png",
+                                    title=setting)
     print(table)
     return 0
 

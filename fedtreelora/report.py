@@ -12,7 +12,8 @@ import numpy as np
 
 from .core.files import atomic_write_text
 
-__all__ = ["format_table", "plot_accuracy", "plot_tree", "cut_heights", "write_outputs"]
+__all__ = ["format_table", "plot_accuracy", "plot_tree", "cut_heights", "write_outputs", "plot_seed_means",
+           "plot_per_client_against"]
 
 
 def _figure(figsize):
@@ -49,6 +50,52 @@ def plot_accuracy(summary: dict, path) -> None:
     ax.set_title("personalised accuracy per round")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
+def plot_seed_means(by_method: dict, path, title: str = "") -> None:
+    """Mean client accuracy per method, mean over seeds with the std over seeds as error bars.
+
+    by_method: {method: [{"seed", "mean_accuracy", ...} per seed]} (bench_federated's records)."""
+    names = list(by_method)
+    acc = [100 * np.array([r["mean_accuracy"] for r in by_method[m]]) for m in names]
+    fig = _figure(figsize=(max(5.0, 0.8 * len(names) + 2), 4.0))
+    ax = fig.add_subplot()
+    colours = ["#d95f02" if m == "fedtreelora" else "#7570b3" if m == "oracle-groups" else "#1b9e77" for m in names]
+    ax.bar(range(len(names)), [a.mean() for a in acc], yerr=[a.std() for a in acc], color=colours, capsize=4)
+    for i, a in enumerate(acc):   # every seed as a dot: the spread is visible, not only summarised
+        ax.plot([i] * len(a), a, "k.", markersize=4)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    lo = min(float(a.min()) for a in acc)
+    ax.set_ylim(max(0.0, lo - 10), 100)
+    ax.set_ylabel("mean client accuracy (%)")
+    ax.set_title(f"{title}: mean over {max(len(a) for a in acc)} seeds, bars = std over seeds", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=120)
+
+
+def plot_per_client_against(by_method: dict, reference: str, path, title: str = "") -> None:
+    """Each client's accuracy (every seed) under each method against its accuracy under `reference`:
+    points above the diagonal gain from the method, points below lose."""
+    ref = {r["seed"]: r["accuracy"] for r in by_method[reference]}
+    others = [m for m in by_method if m != reference and all("accuracy" in r for r in by_method[m])]
+    fig = _figure(figsize=(4.8, 4.6))
+    ax = fig.add_subplot()
+    markers = "osD^v<>pPX*"
+    for i, m in enumerate(others):
+        xs, ys = [], []
+        for r in by_method[m]:
+            for a, b in zip(ref.get(r["seed"], []), r["accuracy"]):
+                if a is not None and b is not None:
+                    xs.append(100 * a), ys.append(100 * b)
+        ax.scatter(xs, ys, s=14, marker=markers[i % len(markers)], alpha=0.7, label=m,
+                   zorder=3 if m == "fedtreelora" else 2)
+    ax.plot([0, 100], [0, 100], color="0.5", linewidth=1, linestyle="--")
+    ax.set_xlabel(f"client accuracy under {reference} (%)")
+    ax.set_ylabel("client accuracy under the method (%)")
+    ax.set_title(f"{title}: who gains, who loses", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
     fig.savefig(path, dpi=120)
 
 

@@ -1,0 +1,43 @@
+"""The federated benchmark's table (mean +- std over seeds, per-seed paired differences) and figures."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from fedtreelora.report import plot_per_client_against, plot_seed_means
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_federated.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_federated", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RECORDS = {"fedtreelora": [{"seed": 0, "mean_accuracy": 0.90, "accuracy": [0.9, 0.9], "wall_s": 1.0},
+                           {"seed": 1, "mean_accuracy": 0.80, "accuracy": [0.7, 0.9], "wall_s": 1.0}],
+           "local": [{"seed": 0, "mean_accuracy": 0.85, "accuracy": [0.8, 0.9], "wall_s": 1.0},
+                     {"seed": 1, "mean_accuracy": 0.82, "accuracy": [0.8, 0.84], "wall_s": 1.0}]}
+
+
+def test_table_gives_mean_std_over_seeds_and_paired_differences():
+    table = _bench().markdown({"hierarchical": RECORDS})
+    assert "| fedtreelora | 85.0 ± 5.0 | 2 |" in table
+    assert "| local | +5.0 | -2.0 | +1.5 |" in table
+
+
+def test_every_setting_ships_as_a_config_file():
+    bench = _bench()
+    for name, path in bench.SETTINGS.items():
+        assert path.is_file(), name
+        assert bench.setting_config(name).num_clients >= 8
+
+
+def test_figures_are_written(tmp_path):
+    plot_seed_means(RECORDS, tmp_path / "m.png", title="t")
+    plot_per_client_against(RECORDS, "local", tmp_path / "c.png", title="t")
+    assert (tmp_path / "m.png").stat().st_size > 5000 and (tmp_path / "c.png").stat().st_size > 5000
+    with pytest.raises(KeyError):
+        plot_per_client_against(RECORDS, "fedit", tmp_path / "x.png")
