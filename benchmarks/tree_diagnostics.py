@@ -1,0 +1,70 @@
+"""Why the tree cuts where it does: per-layer evidence from a run folder's warm-up uploads.
+
+    python benchmarks/tree_diagnostics.py runs/simulate [--metric frobenius]
+
+For every layer: the silhouette of the planted groups (and super-groups, when the run has them)
+under that layer's B distances, the between/within-group distance ratio, the cut the tree chose and
+its ARI against the groups; then the same for the mean distance the tree is built on. Reads
+config.json and checkpoints/warmup/ of the run; trains nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main(argv=None) -> int:
+    from sklearn.metrics import adjusted_rand_score
+
+    from fedtreelora.core import TreeConfig, build_tree, client_distances, ops
+    from fedtreelora.federation.checkpoints import load_checkpoint
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir")
+    parser.add_argument("--metric", default=None, help="distance (default: the run's)")
+    parser.add_argument("--tau", type=float, default=None, help="tau of the re-built tree (default: the run's)")
+    parser.add_argument("--window", type=int, default=None, help="window of the re-built tree (default: the run's)")
+    args = parser.parse_args(argv)
+    run = Path(args.run_dir)
+    config = json.loads((run / "config.json").read_text())
+    groups = np.arange(config["num_clients"]) % config["num_groups"]   # the partitioner's round-robin groups
+    _, states = load_checkpoint(run / "checkpoints" / "warmup")
+    adapters = [s.adapter for s in states if s is not None]
+    groups = groups[:len(adapters)]
+    supers = config.get("super_groups", 0)
+    per_super = config["num_groups"] // supers if supers and supers > 1 else None
+    metric = args.metric or config["metric"]
+    tree_cfg = TreeConfig(linkage=config["linkage"], metric=metric, window=args.window or config["window"],
+                          tau=config["tau"] if args.tau is None else args.tau)
+    tree = build_tree(adapters, config=tree_cfg)
+    per_layer, mean = client_distances(adapters, metric)
+
+    def sil(d, labels):
+        if len(set(labels.tolist())) < 2:
+            return float("nan")
+        return float(ops.silhouette(d.float(), torch.as_tensor(labels, dtype=torch.int64)[None])[0])
+
+    def ratio(d, labels):
+        same = labels[:, None] == labels[None, :]
+        off = ~np.eye(len(labels), dtype=bool)
+        dd = d.double().numpy()
+        return float(dd[~same].mean() / dd[same & off].mean())
+
+    head = f"{'layer':>5} {'sil(groups)':>11} {'sil(super)':>10} {'between/within':>14} {'cut':>4} {'ARI(cut,groups)':>15}"
+    print(f"{len(adapters)} clients, groups {groups.tolist()}, {metric} distance, tau {tree_cfg.tau}, window {tree_cfg.window}")
+    print(head)
+    rows = list(enumerate(per_layer)) + [("mean", mean)]
+    for l, d in rows:
+        sup = sil(d, groups // per_super) if per_super else float("nan")
+        cut = "" if l == "mean" else int(tree.n_clusters[l])
+        ari = "" if l == "mean" else f"{adjusted_rand_score(groups, tree.labels[l].numpy()):.2f}"
+        print(f"{l:>5} {sil(d, groups):>11.3f} {sup:>10.3f} {ratio(d, groups):>14.3f} {cut!s:>4} {ari:>15}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
