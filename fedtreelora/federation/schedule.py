@@ -136,17 +136,17 @@ class Schedule:
         save_checkpoint(folder, round_, states, info)
 
     def _round(self, r: int, phase: str, states: list, experts, selected: list[int], desc: str,
-               fixed_lam: float | None = None) -> dict:
-        """Train `selected` (from their experts; in warm-up from their own states), evaluate everyone."""
+               fixed_lam: float | None = None) -> list[int]:
+        """Train `selected` (from their experts; in warm-up from their own states); the ones that failed."""
         jobs = {k: (states[k], None) if experts is None else (ClientState(experts[k][0], states[k].logits), experts[k][1])
                 for k in selected}   # a client absent so far (None) starts from its own initial state
-        arrived = self.driver.train(r, phase, jobs, desc, fixed_lam) if fixed_lam is not None else \
-            self.driver.train(r, phase, jobs, desc)
+        arrived = self.driver.train(r, phase, jobs, desc, fixed_lam)
         for k, upload in arrived.items():
             states[k] = upload
-        return {"failed_train": sorted(set(selected) - set(arrived))}
+        return sorted(set(selected) - set(arrived))
 
-    def _evaluate(self, r: int, phase: str, states: list, experts, fixed_lam: float | None = None) -> dict:
+    def _evaluate(self, r: int, phase: str, states: list, experts, fixed_lam: float | None = None):
+        """Evaluate every client that has a state: (the round's record, the clients that failed)."""
         def logits(s):
             if fixed_lam is None:
                 return s.logits
@@ -176,8 +176,7 @@ class Schedule:
         states, history, start, wall = self._load(folder, initial, [], 0.0)
         for r in range(start, cfg.warmup_rounds):
             t0 = time.perf_counter()
-            failed = self._round(r, WARMUP, states, None, list(range(early)),
-                                 f"warm-up round {r + 1}/{cfg.warmup_rounds}")["failed_train"]
+            failed = self._round(r, WARMUP, states, None, list(range(early)), f"warm-up round {r + 1}/{cfg.warmup_rounds}")
             metrics, failed_eval = self._evaluate(r, WARMUP, states, None)
             wall += time.perf_counter() - t0
             history.append(self._record({"round": r + 1, "phase": WARMUP}, metrics, failed, failed_eval))
@@ -198,8 +197,8 @@ class Schedule:
             states[k] = initial[k]
         for r in range(cfg.warmup_rounds):
             failed = self._round(r, WARMUP, states, None, late, f"{name}: late clients' warm-up {r + 1}/{cfg.warmup_rounds}")
-            if failed["failed_train"]:
-                raise RuntimeError(f"late client(s) {failed['failed_train']} failed their warm-up")
+            if failed:
+                raise RuntimeError(f"late client(s) {failed} failed their warm-up")
         method.extend([s.adapter for s in states[:early]], [states[k].adapter for k in late], self.weights, self.groups)
 
     def run_method(self, name: str, warm_states: list[ClientState | None], warm_history: list[dict]) -> dict:
@@ -241,8 +240,8 @@ class Schedule:
                 base["joined"] = list(range(early, self.n))
             selected = select_clients(cfg, global_round, present())
             base["selected"] = selected
-            failed = self._round(global_round, name, states, experts, selected,
-                                 f"{name} round {r + 1}/{cfg.rounds}", method.fixed_lam)["failed_train"]
+            failed = self._round(global_round, name, states, experts, selected, f"{name} round {r + 1}/{cfg.rounds}",
+                                 method.fixed_lam)
             experts = experts_now()
             metrics, failed_eval = self._evaluate(global_round, name, states, experts, method.fixed_lam)
             if cfg.rebuild_every and (r + 1) % cfg.rebuild_every == 0 and r + 1 < cfg.rounds:

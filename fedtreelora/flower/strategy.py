@@ -117,7 +117,7 @@ class PersonalisedStrategy(Driver):
     def initial_states(self, n):
         return [None] * n            # round 1: each ClientApp starts from its own initial LoRA
 
-    def train(self, round_, phase, jobs, desc):
+    def train(self, round_, phase, jobs, desc, fixed_lam=None):   # fixed-lam methods are refused in __init__
         contents = {k: server_content(self.config, round_, phase, start, external) for k, (start, external) in jobs.items()}
         return {k: state for k, (_, state) in self._exchange(self._grid, "train", round_, phase, contents).items()}
 
