@@ -255,17 +255,25 @@ def key_view(columns: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def first_nonfinite(x: torch.Tensor, layout: AdapterLayout, names: list[str] | None = None) -> str | None:
-    """A message naming the first client and key holding NaN/Inf in x, or None when x is finite."""
+def first_nonfinite(x: torch.Tensor, layout: AdapterLayout, names: list[str] | None = None, column_offset: int = 0,
+                    what: str = "client", row_offset: int = 0) -> str | None:
+    """A message naming the first client and key holding NaN/Inf in x, or None when x is finite.
+
+    x holds columns column_offset .. column_offset + x.shape[1] of `layout` (a slice of the packed
+    rows, e.g. one layer's); row k of x is client row_offset + k (named names[row_offset + k]),
+    called a `what` in the message.
+    """
     found = nonfinite_entry(x)
     if found is None:
         return None
     k, col, rows = found
+    k += row_offset
+    col += column_offset
     key = layout.key_at(col)
     lo = dict(zip(layout.keys, layout.columns))[key][0]
     shape = dict(zip(layout.keys, layout.shapes))[key]
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(col - lo), shape)) if len(shape) else ()
-    return (f"client {_who(k, names)}, key {key!r}: NaN or Inf at index {index}"
+    return (f"{what} {_who(k, names)}, key {key!r}: NaN or Inf at index {index}"
             f"{f' ({rows} clients affected)' if rows > 1 else ''}")
 
 
