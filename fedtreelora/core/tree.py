@@ -200,7 +200,7 @@ class AggregationTree:
         n = len(data["labels"][0]) if data["labels"] else 0
         n_linked = n - len(placed)
         tree = cls(layers=list(data["layers"]),
-                   linkage=torch.tensor(data["linkage"], dtype=torch.float64).reshape(max(n_linked - 1, 0), 4),
+                   linkage=_linkage_from_list(data["linkage"], n_linked),
                    n_clusters=torch.tensor(data["n_clusters"], dtype=torch.int64),
                    labels=torch.tensor(data["labels"], dtype=torch.int64),
                    scores=[{int(c): float(s) for c, s in layer} for layer in data["scores"]],
@@ -258,6 +258,15 @@ class AggregationTree:
         from ..report import plot_tree
 
         return plot_tree(self, path, title=title)
+
+
+def _linkage_from_list(rows, n_linked: int) -> torch.Tensor:
+    z = torch.tensor(rows, dtype=torch.float64)
+    if z.numel() == 0:
+        return z.reshape(0, 4)
+    if z.dim() != 2 or z.shape[1] != 4:
+        raise ValueError(f"AggregationTree linkage must be rows of 4 numbers, got shape {tuple(z.shape)}")
+    return z  # validate() checks it has n_linked - 1 rows
 
 
 # ----------------------------------------------------------------------------------------------
