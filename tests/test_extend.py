@@ -176,3 +176,14 @@ def test_bad_inputs_are_named():
         ftl.extend_tree(tree, old, {"a": new[0]}, names=["a"])
     with pytest.raises(ValueError, match="differ from the tree's clients"):
         ftl.extend_tree(named, {f"d{k}": s for k, s in enumerate(old)}, new)
+
+
+def test_nonfinite_old_member_is_named_by_its_tree_index():
+    old, new, _, _ = held_out()
+    key = "base_model.model.bert.encoder.layer.2.attention.self.value.lora_B.weight"  # layer 2: first choice
+    old = [dict(s) for s in old]
+    old[13][key] = old[13][key].clone()
+    old[13][key][4, 1] = float("nan")
+    tree = ftl.build_tree([s if k != 13 else {**s, key: new[0][key]} for k, s in enumerate(old)])
+    with pytest.raises(ValueError, match=rf"client_states: client 13, key '{key}': NaN or Inf at index \(4, 1\)"):
+        ftl.extend_tree(tree, old, new)

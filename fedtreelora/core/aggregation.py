@@ -173,32 +173,45 @@ def _segment_labels(labels: torch.Tensor, layout, head_policy: str) -> torch.Ten
     return labels
 
 
+_BLOCK_BYTES = 256 << 20
+"""The streamed aggregate gathers consecutive segments up to this many bytes of columns per op call."""
+
+
 def _streamed_experts(states, layout, labels, w, n_clusters: int, names):
-    """_experts' outputs without packing: per segment, its columns [N, w_s] from the state dicts, one
-    `ops.tree_reduce`, the results written into the [C, P] experts. Each client tensor is read once;
-    besides the inputs only the experts and one segment's columns are held. Equal to the packed path
-    to the bit (the reduction of a column never depends on the other columns)."""
+    """_experts' outputs without packing: consecutive segments (layers) at a time, their columns
+    [N, w_block] gathered from the state dicts (at most `_BLOCK_BYTES`, at least one segment), one
+    `ops.tree_reduce` per block, the results written into the [C, P] experts. Each client tensor is read
+    once; besides the inputs only the experts and one block of columns are held. Equal to the packed
+    path to the bit (the reduction of a column never depends on the other columns)."""
     off = layout.layer_offsets.tolist()
-    seg_keys: list[list[str]] = [[] for _ in range(len(off) - 1)]
+    n_segments = len(off) - 1
+    seg_keys: list[list[str]] = [[] for _ in range(n_segments)]
     for key, (lo, _) in zip(layout.keys, layout.columns):
         seg_keys[bisect_right(off, lo) - 1].append(key)
     device = states[0][layout.keys[0]].device
+    item = torch.empty(0, dtype=layout.dtype).element_size()
     cluster = torch.empty(n_clusters, off[-1], dtype=layout.dtype, device=device)
     external = torch.empty(n_clusters, off[-1], dtype=layout.dtype, device=device)
     labels = labels.to(device)
-    for s_, keys in enumerate(seg_keys):
-        rows = layer_rows(states, keys, layout.dtype)
+    first = 0
+    while first < n_segments:
+        last = first + 1  # the block is segments first .. last - 1
+        while last < n_segments and len(states) * (off[last + 1] - off[first]) * item <= _BLOCK_BYTES:
+            last += 1
+        lo, hi = off[first], off[last]
+        rows = layer_rows(states, [k for s_ in range(first, last) for k in seg_keys[s_]], layout.dtype)
+        offsets = torch.tensor([o - lo for o in off[first:last + 1]], dtype=torch.int64, device=device)
         try:
-            c, e = ops.tree_reduce(rows, torch.tensor([0, off[s_ + 1] - off[s_]], dtype=torch.int64, device=device),
-                                   labels[s_:s_ + 1], w, n_clusters=n_clusters)
+            c, e = ops.tree_reduce(rows, offsets, labels[first:last], w, n_clusters=n_clusters)
         except ValueError:
-            problem = adapters.first_nonfinite(rows, layout, names, column_offset=off[s_])
+            problem = adapters.first_nonfinite(rows, layout, names, column_offset=lo)
             if problem:
                 raise ValueError(problem) from None
             raise
-        cluster[:, off[s_]:off[s_ + 1]] = c
-        external[:, off[s_]:off[s_ + 1]] = e
+        cluster[:, lo:hi] = c
+        external[:, lo:hi] = e
         del rows, c, e
+        first = last
     labels = labels.cpu()
     anyone_outside = bool((labels != labels[:, :1]).any())
     return _per_client_views(cluster, external if anyone_outside else None, labels, layout, layout.layer_offsets, None)

@@ -20,7 +20,7 @@ from .tree import AggregationTree, layer_keys, layer_rows
 
 __all__ = ["extend_tree"]
 
-_NORM_BLOCK = 4096  # rows per float64 norm computation (bounds the float64 temporaries)
+_NORM_BLOCK = 4096  # rows per float64 normalisation (bounds the float64 temporaries)
 
 
 def extend_tree(tree: AggregationTree, client_states, new_states, names=None) -> AggregationTree:
@@ -123,13 +123,13 @@ def extend_tree(tree: AggregationTree, client_states, new_states, names=None) ->
     n_layers, n_linked = len(tree.layers), tree.n_linked
     offsets = b_layout.layer_offsets.tolist()
 
-    new_rows = []
-    for l in range(n_layers):  # the new clients' B factors, checked at every layer (M is small)
-        rows = layer_rows(new, keys[l], b_layout.dtype)
-        problem = adapters.first_nonfinite(rows, b_layout, all_names, column_offset=offsets[l], row_offset=n)
+    # the new clients' B factors [M, P_B] (M is small), checked once at every layer
+    new_b = layer_rows(new, [key for layer in keys for key in layer], b_layout.dtype)
+    if not adapters.all_finite(new_b):
+        problem = adapters.first_nonfinite(new_b, b_layout, all_names, row_offset=n)
         if problem:
             raise ValueError(f"new_states: {problem}")
-        new_rows.append(rows)
+    new_rows = [new_b[:, offsets[l]:offsets[l + 1]] for l in range(n_layers)]
 
     old_labels = tree.labels[:, :n_linked]
     new_labels = torch.zeros(n_layers, m, dtype=torch.int64)
@@ -145,13 +145,15 @@ def extend_tree(tree: AggregationTree, client_states, new_states, names=None) ->
                 new_labels[l, js] = subs[0]
                 continue
             member_rows = layer_rows([old[i] for i in members.tolist()], keys[l], b_layout.dtype)
-            problem = adapters.first_nonfinite(member_rows, b_layout, all_names, column_offset=offsets[l])
-            if problem:  # report the tree's client index, not the position among the members
-                k = int((~torch.isfinite(member_rows)).any(1).nonzero()[0])
-                problem = adapters.first_nonfinite(member_rows[k:k + 1], b_layout, all_names, column_offset=offsets[l],
-                                                   row_offset=int(members[k]))
-                raise ValueError(f"client_states: {problem}")
             d = cross_distances(new_rows[l][js], member_rows, tree.config.metric)  # [m_p, n_p] float64
+            if not bool(torch.isfinite(d).all()):  # a NaN/Inf member poisons the distances: name it
+                bad = (~torch.isfinite(member_rows)).any(1).nonzero().flatten()
+                if bad.numel():
+                    k = int(bad[0])  # the tree's client index, not the position among the members
+                    problem = adapters.first_nonfinite(member_rows[k:k + 1], b_layout, all_names,
+                                                       column_offset=offsets[l], row_offset=int(members[k]))
+                    raise ValueError(f"client_states: {problem}")
+                raise ValueError(f"extend_tree: the distances at layer {l} ({tree.layers[l]}) overflowed")
             del member_rows
             which = torch.searchsorted(subs, lab[members])
             sums = torch.zeros(js.numel(), subs.numel(), dtype=torch.float64).index_add_(1, which, d)
@@ -186,7 +188,8 @@ def cross_distances(a: torch.Tensor, b: torch.Tensor, metric: str = "frobenius")
 
 
 def _sq_norms(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x[i:i + _NORM_BLOCK].to(torch.float64).pow(2).sum(1) for i in range(0, x.shape[0], _NORM_BLOCK)])
+    """float64 squared row norms of float32 x (squares in float32, exact up to rounding; sums in float64)."""
+    return x.square().sum(1, dtype=torch.float64)
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:

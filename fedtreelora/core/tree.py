@@ -466,22 +466,39 @@ def layer_keys(b_layout: adapters.AdapterLayout) -> list[list[str]]:
 
 
 def layer_rows(states, keys, dtype: torch.dtype) -> torch.Tensor:
-    """[N, w]: row k = states[k][key].flatten() for the keys side by side (one copy, in `dtype`).
+    """[N, w]: row k = states[k][key].flatten() for the keys side by side (in `dtype`).
 
-    Equal to the layer's columns of `adapters.pack` (same order, same dtype conversion).
+    Equal to those keys' columns of `adapters.pack` (same order, same dtype conversion): one
+    torch.stack per key, straight into its columns of the output.
     """
-    parts = [s[key].reshape(-1) for s in states for key in keys]
-    if any(p.dtype != dtype for p in parts[:len(keys)]):
-        parts = [p.to(dtype) for p in parts]
-    return torch.cat(parts).view(len(states), -1)
+    ref = states[0]
+    n = len(states)
+    widths = [ref[key].numel() for key in keys]
+    out = torch.empty(n, sum(widths), dtype=dtype, device=ref[keys[0]].device)
+    lo = 0
+    for key, width in zip(keys, widths):
+        target = out[:, lo:lo + width].view(n, *ref[key].shape)
+        parts = [s[key] for s in states]
+        if ref[key].dtype == dtype:
+            torch.stack(parts, out=target)
+        else:
+            target.copy_(torch.stack(parts))
+        lo += width
+    return out
 
 
-def _checked_layer_rows(states, keys, b_layout, layer: int, names, what: str = "client"):
+def _layer_error(rows, b_layout, layer: int, names) -> ValueError | None:
+    """The error naming the client and key of a NaN/Inf in one layer's rows, if there is one."""
+    problem = adapters.first_nonfinite(rows, b_layout, names, column_offset=int(b_layout.layer_offsets[layer]))
+    return ValueError(problem) if problem else None
+
+
+def _checked_layer_rows(states, keys, b_layout, layer: int, names):
     rows = layer_rows(states, keys, b_layout.dtype)
-    problem = adapters.first_nonfinite(rows, b_layout, names, column_offset=int(b_layout.layer_offsets[layer]),
-                                       what=what)
-    if problem:
-        raise ValueError(problem)
+    if not adapters.all_finite(rows):
+        error = _layer_error(rows, b_layout, layer, names)
+        if error:
+            raise error
     return rows
 
 
@@ -509,21 +526,26 @@ def _build_streaming(states, b_layout, layers, config: TreeConfig, names) -> Agg
     keys = layer_keys(b_layout)
     widths = (b_layout.layer_offsets[1:] - b_layout.layer_offsets[:-1]).tolist()
 
-    def distances(check: bool):
+    def distances():
         for l in range(n_layers):
-            rows = (_checked_layer_rows(states, keys[l], b_layout, l, names) if check
-                    else layer_rows(states, keys[l], b_layout.dtype))
-            d = ops.layer_distances(rows, torch.tensor([0, widths[l]], dtype=torch.int64, device=rows.device),
-                                    config.metric)[0]
+            rows = layer_rows(states, keys[l], b_layout.dtype)
+            try:  # the op checks its output for NaN/Inf (no extra pass over the rows when all is well)
+                d = ops.layer_distances(rows, torch.tensor([0, widths[l]], dtype=torch.int64, device=rows.device),
+                                        config.metric)[0]
+            except ValueError:
+                error = _layer_error(rows, b_layout, l, names)
+                if error:
+                    raise error from None
+                raise
             del rows
             yield d
             del d
 
     device = states[0][keys[0][0]].device
-    mean = _mean_over_layers(distances(check=True), n, n_layers, device)        # pass 1: mean -> tree
+    mean = _mean_over_layers(distances(), n, n_layers, device)        # pass 1: mean -> tree
     z = ops.linkage(mean, config.linkage)
     del mean
-    n_clusters, labels, scores = _cut_search(distances(check=False), n_layers, n, z, config.window, config.tau)  # pass 2
+    n_clusters, labels, scores = _cut_search(distances(), n_layers, n, z, config.window, config.tau)  # pass 2
     return AggregationTree(layers=list(layers), linkage=z.cpu(), n_clusters=n_clusters, labels=labels,
                            scores=scores, config=config, client_names=names)
 
