@@ -141,12 +141,17 @@ def _layer_ranges(counts: list[int]) -> list[tuple[int, int, int]]:
 
 
 def plot_tree(tree, path, title: str | None = None):
-    """Save the dendrogram of tree.linkage with one labelled line per distinct layer cut; returns the Figure."""
+    """Save the dendrogram of tree.linkage with one labelled line per distinct layer cut; returns the Figure.
+
+    Clients placed by `extend_tree` are not in the linkage: they are listed under the dendrogram,
+    marked *, each with the clustered clients of its deepest-layer cluster.
+    """
     from scipy.cluster.hierarchy import dendrogram
 
     z = tree.linkage.detach().cpu().double().numpy()
-    n = tree.n_clients
-    names = list(tree.client_names) if tree.client_names else [str(k) for k in range(n)]
+    n = tree.n_linked
+    all_names = list(tree.client_names) if tree.client_names else [str(k) for k in range(tree.n_clients)]
+    names = all_names[:n]
     counts = [int(c) for c in tree.n_clusters.tolist()]
     fig = _figure(figsize=(max(6.0, 0.35 * n + 3.0), 4.2))
     ax = fig.add_subplot()
@@ -171,6 +176,16 @@ def plot_tree(tree, path, title: str | None = None):
         ax.set_xlabel("client")
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
+    placed = list(getattr(tree, "placed", []) or [])
+    if placed:
+        deepest_labels = tree.labels[-1].tolist()
+        notes = []
+        for k in placed[:12]:
+            mates = [names[i] for i in range(n) if deepest_labels[i] == deepest_labels[k]]
+            notes.append(f"{all_names[k]}* -> {{{', '.join(mates[:4])}{', ...' if len(mates) > 4 else ''}}}")
+        more = f" (+{len(placed) - 12} more)" if len(placed) > 12 else ""
+        fig.supxlabel(f"placed by extend_tree (not in the dendrogram){more}: " + "; ".join(notes), fontsize=7,
+                      color="#7570b3", wrap=True)
     ax.set_title(title or f"FedTreeLoRA client tree ({tree.config.linkage} linkage, {len(counts)} layers, "
                           f"window {tree.config.window}, tau {tree.config.tau})", fontsize=10)
     fig.savefig(path, dpi=150)

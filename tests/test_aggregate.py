@@ -215,3 +215,52 @@ def test_everyone_shares_means_no_external_and_fedavg(head):
     for key in states[0]:
         want = states[3][key] if head == "local" and ".lora_" not in key else torch.stack([s[key] for s in states]).mean(0)
         torch.testing.assert_close(res.cluster_states[3][key], want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head", ["deepest", "global"])
+def test_streamed_stored_tree_path_equals_the_packed_reduction_exactly(dtype, head):
+    from fedtreelora.core import adapters
+    from fedtreelora.core.aggregation import _experts, _segment_labels
+
+    states, _ = planted_states(n_clients=9, dtype=dtype)
+    before = [{k: v.clone() for k, v in s.items()} for s in states]
+    tree = ftl.build_tree(states, ftl.TreeConfig(head=head))
+    w = torch.arange(1, 10, dtype=torch.float64)
+    res = ftl.aggregate(states, weights=w, tree=tree)
+    layout = adapters.parse_layout(states)
+    x = adapters.pack(states, layout)
+    packed = _experts(x, layout, layout.layer_offsets, _segment_labels(tree.labels, layout, head), w,
+                      int(tree.n_clusters.max()), None)
+    for k in range(9):
+        for key in states[0]:
+            assert torch.equal(res.cluster_states[k][key], packed[0][k][key]), key
+            assert torch.equal(res.external_states[k][key], packed[1][k][key]), key
+    assert all(torch.equal(s[k], b[k]) for s, b in zip(states, before) for k in b)
+
+
+def test_streamed_path_never_packs_and_names_a_nonfinite_a_factor(monkeypatch):
+    from fedtreelora.core import aggregation
+
+    states, _ = planted_states(n_clients=6)
+    tree = ftl.build_tree(states)
+    monkeypatch.setattr(aggregation.adapters, "pack", lambda *a, **k: pytest.fail("packed the clients"))
+    ftl.aggregate(states, tree=tree)
+    key = "base_model.model.bert.encoder.layer.1.attention.self.query.lora_A.weight"
+    states[4][key][0, 3] = float("inf")
+    with pytest.raises(ValueError, match=rf"client 4, key '{key}': NaN or Inf at index \(0, 3\)"):
+        ftl.aggregate(states, tree=tree)
+
+
+def test_streamed_blocks_of_any_size_give_the_same_experts(monkeypatch):
+    from fedtreelora.core import aggregation
+
+    states, _ = planted_states(n_clients=7)
+    tree = ftl.build_tree(states)
+    whole = ftl.aggregate(states, tree=tree)
+    monkeypatch.setattr(aggregation, "_BLOCK_BYTES", 1)  # one segment per op call
+    single = ftl.aggregate(states, tree=tree)
+    for k in range(7):
+        for key in states[0]:
+            assert torch.equal(whole.cluster_states[k][key], single.cluster_states[k][key])
+            assert torch.equal(whole.external_states[k][key], single.external_states[k][key])

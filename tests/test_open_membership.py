@@ -10,7 +10,7 @@ from fedtreelora.federation.methods import nearest_clusters
 from fedtreelora.federation.schedule import load_checkpoint, run_experiment
 from tiny_models import save_tiny_bert, tiny_config, tiny_dataset
 
-METHODS = ["flat", "fedalt", "ablation-perlayer"]
+METHODS = ["fedtreelora", "flat", "ablation-perlayer"]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,8 @@ def test_a_killed_run_with_late_clients_and_rebuilds_resumes_exactly(model_path,
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, METHODS, tmp_path / "killed", dataset=tiny_dataset(), progress=False)
     monkeypatch.setattr(LocalTrainer, "train", original)
-    info, states = load_checkpoint(tmp_path / "killed" / "checkpoints" / METHODS[0])
-    assert info["round"] == 2 and all(s is not None for s in states) and len(info["method"]["labels"][0]) == 6
+    info, states = load_checkpoint(tmp_path / "killed" / "checkpoints" / "fedtreelora")
+    assert info["round"] == 2 and all(s is not None for s in states) and len(info["method"]["tree"]["labels"][0]) == 6
     resumed = run_experiment(cfg, METHODS, tmp_path / "killed", dataset=tiny_dataset(), progress=False, resume=True)
     for name in METHODS:
         a, b = full["methods"][name], resumed["methods"][name]

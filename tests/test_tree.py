@@ -173,3 +173,59 @@ def test_figures_leave_the_callers_matplotlib_backend_alone(tmp_path):
                    "config": {"warmup_rounds": 1}}, tmp_path / "acc.png")
     assert matplotlib.get_backend() == before
     assert (tmp_path / "tree.png").stat().st_size > 1000 and (tmp_path / "acc.png").stat().st_size > 1000
+
+
+# -- streaming: one layer at a time, the same tree to the bit ----------------------------------
+@pytest.mark.parametrize("metric", ["frobenius", "cosine"])
+@pytest.mark.parametrize("method", ["average", "complete", "ward"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streaming_equals_in_memory_exactly(metric, method, dtype):
+    states, _ = planted_states(n_layers=5, groups=(1, 2, 2, 4, 8), n_clients=40, d=16, r=4, noise=0.3, dtype=dtype)
+    cfg = ftl.TreeConfig(metric=metric, linkage=method, tau=0.0)
+    a = ftl.build_tree(states, cfg, streaming=True)
+    b = ftl.build_tree(states, cfg, streaming=False)
+    assert torch.equal(a.linkage, b.linkage) and torch.equal(a.labels, b.labels)
+    assert a.n_clusters.tolist() == b.n_clusters.tolist() and a.scores == b.scores
+    # and both equal the scipy/sklearn float64 reference on the planted structure
+    if dtype == torch.float32 and metric == "frobenius":
+        z, counts, labels, _ = reference_tree(states, method, 3, 0.0)
+        np.testing.assert_allclose(a.linkage.numpy()[:, 2], z[:, 2], rtol=1e-5)
+        assert a.n_clusters.tolist() == counts.tolist() and np.array_equal(a.labels.numpy(), labels)
+
+
+def test_streaming_reads_one_layer_per_op_call_and_the_auto_rule(monkeypatch):
+    from fedtreelora.core import tree as tree_mod
+
+    states, _ = planted_states(n_layers=4, groups=(1, 2, 2, 4), n_clients=12)
+    widths = []
+    real = ftl.ops.layer_distances
+
+    def spy(x, offsets, metric="frobenius"):
+        widths.append((tuple(x.shape), offsets.tolist()))
+        return real(x, offsets, metric)
+
+    monkeypatch.setattr(tree_mod.ops, "layer_distances", spy)
+    ftl.build_tree(states, streaming=True)
+    w = 2 * 8 * 2  # q and v B factors of a layer: d=8, r=2
+    assert widths == [((12, w), [0, w])] * 8  # two passes of 4 layers, never the [L, N, N] stack
+    widths.clear()
+    ftl.build_tree(states)  # tiny: the in-memory path, one call over all layers
+    assert widths == [((12, 4 * w), [0, w, 2 * w, 3 * w, 4 * w])]
+    est = tree_mod.memory_estimates(10_000, ftl.core.adapters.parse_layout(states).b_layout())
+    assert est["streaming"] < est["in_memory"]
+    monkeypatch.setattr(tree_mod, "IN_MEMORY_LIMIT_BYTES", 0)
+    widths.clear()
+    ftl.build_tree(states)
+    assert len(widths) == 8
+    with pytest.raises(TypeError, match="streaming must be"):
+        ftl.build_tree(states, streaming="yes")
+
+
+def test_streaming_names_nonfinite_client_and_key():
+    states, _ = planted_states(n_clients=5)
+    key = "base_model.model.bert.encoder.layer.3.attention.self.value.lora_B.weight"
+    states[2][key][1, 0] = float("nan")
+    with pytest.raises(ValueError, match=rf"client 2, key '{key}': NaN or Inf at index \(1, 0\)"):
+        ftl.build_tree(states, streaming=True)
+    with pytest.raises(ValueError, match=rf"client 0, key '{key}': NaN or Inf at index \(1, 0\)"):
+        ftl.build_tree(states[2:3], streaming=True)  # one client: nothing to cluster, still checked

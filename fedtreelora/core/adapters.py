@@ -23,7 +23,7 @@ import torch
 from .ops import nonfinite_entry
 
 __all__ = ["AdapterLayout", "parse_layout", "normalise_clients", "pack", "unpack_row", "key_view",
-           "is_b_factor", "first_nonfinite", "segment_norms"]
+           "is_b_factor", "first_nonfinite", "all_finite", "segment_norms"]
 
 _FIRST_INDEX = re.compile(r"^(?P<stack>.*?\.[^.]*)\.(?P<idx>\d+)\.")
 _B_FACTOR = re.compile(r"\.lora_(?:embedding_)?B(?:\.|$)")
@@ -139,7 +139,14 @@ def _check_agreement(states: list[Mapping[str, torch.Tensor]], names: list[str] 
             raise TypeError(f"client {_who(0, names)}, key {key!r}: expected a floating-point tensor, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"client {_who(0, names)}, key {key!r}: on {t.device}, other keys on {device}")
+    ref_order = list(ref)
+    ref_sig = ([t.shape for t in ref.values()], [t.dtype for t in ref.values()], [t.device for t in ref.values()])
     for k, s in enumerate(states[1:], start=1):
+        # fast path (same keys in the same order, same shapes, dtypes, devices): three C-level list comparisons
+        if list(s) == ref_order:
+            values = list(s.values())
+            if ([t.shape for t in values], [t.dtype for t in values], [t.device for t in values]) == ref_sig:
+                continue
         if set(s) != ref_keys:
             missing = sorted(ref_keys - set(s))
             extra = sorted(set(s) - ref_keys)
@@ -255,17 +262,32 @@ def key_view(columns: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def first_nonfinite(x: torch.Tensor, layout: AdapterLayout, names: list[str] | None = None) -> str | None:
-    """A message naming the first client and key holding NaN/Inf in x, or None when x is finite."""
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether x holds no NaN/Inf, in one reduction: the float64 sum of finite float32/bf16/fp16 values
+    cannot overflow, and a NaN or Inf entry makes it NaN or Inf (float64 inputs: an overflow of the sum
+    reads as non-finite, so callers locate the entry with `first_nonfinite` before reporting)."""
+    return bool(torch.isfinite(x.sum(dtype=torch.float64)))
+
+
+def first_nonfinite(x: torch.Tensor, layout: AdapterLayout, names: list[str] | None = None, column_offset: int = 0,
+                    what: str = "client", row_offset: int = 0) -> str | None:
+    """A message naming the first client and key holding NaN/Inf in x, or None when x is finite.
+
+    x holds columns column_offset .. column_offset + x.shape[1] of `layout` (a slice of the packed
+    rows, e.g. one layer's); row k of x is client row_offset + k (named names[row_offset + k]),
+    called a `what` in the message.
+    """
     found = nonfinite_entry(x)
     if found is None:
         return None
     k, col, rows = found
+    k += row_offset
+    col += column_offset
     key = layout.key_at(col)
     lo = dict(zip(layout.keys, layout.columns))[key][0]
     shape = dict(zip(layout.keys, layout.shapes))[key]
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(col - lo), shape)) if len(shape) else ()
-    return (f"client {_who(k, names)}, key {key!r}: NaN or Inf at index {index}"
+    return (f"{what} {_who(k, names)}, key {key!r}: NaN or Inf at index {index}"
             f"{f' ({rows} clients affected)' if rows > 1 else ''}")
 
 

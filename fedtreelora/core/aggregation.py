@@ -1,14 +1,18 @@
 """aggregate(): per-client cluster and external experts from the clients' LoRA state dicts.
 
-The per-round path (a stored tree) packs the clients once into x [N, P] in their own dtype and
-device, runs one `ops.tree_reduce` (the weighted cluster and external means of every layer at once,
-accumulated in float32 or better), and hands back state dicts of *views* into the [C, P] results:
-clients of one cluster share the storage of their expert (clone before modifying a result in place,
-and before `safetensors.torch.save_file`, which refuses shared storage).
+The per-round path (a stored tree, plain weighted means, no clipping, no local head) never packs the
+clients: one segment (transformer layer) at a time, it gathers that segment's columns [N, w] from the
+state dicts (each client tensor read once), runs `ops.tree_reduce` on them and writes the weighted
+cluster and external means into the [C, P] experts, so its memory is the inputs + the experts + one
+segment. Clipping, trimmed means and a local head pack x [N, P] once (they need every column of a
+client together). Both hand back state dicts of *views* into the [C, P] results: clients of one
+cluster share the storage of their expert (clone before modifying a result in place, and before
+`safetensors.torch.save_file`, which refuses shared storage).
 """
 from __future__ import annotations
 
 import warnings
+from bisect import bisect_right
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +21,7 @@ import numpy as np
 import torch
 
 from . import adapters, ops
-from .tree import AggregationTree, TreeConfig, build_tree_from_rows
+from .tree import AggregationTree, TreeConfig, build_tree, build_tree_from_rows, layer_rows
 
 __all__ = ["aggregate", "AggregationResult", "group_experts", "ROBUST_METHODS"]
 
@@ -122,36 +126,95 @@ def aggregate(client_states, weights=None, tree: AggregationTree | None = None, 
         raise ValueError(f"trim_ratio must be a number in [0, 0.5), got {trim_ratio!r}")
     if config is not None and not isinstance(config, TreeConfig):
         raise TypeError(f"config must be a fedtreelora.TreeConfig, got {type(config).__name__}")
-    x = adapters.pack(states, layout)
-    w = _weights(weights, n, names, x.device)
-    if clip_norm is not None or robust != "mean":  # paths whose ops do not scan x for NaN/Inf themselves
-        _raise_nonfinite(x, layout, names)
-    if clip_norm is not None:
-        _clip_(x, layout, clip_norm)
-
-    if tree is None:
-        b_layout = layout.b_layout()
-        xb = _columns(x, layout.layer_offsets.tolist(), layout.b_ends)
-        with _name_nonfinite(x, layout, names):
-            tree = build_tree_from_rows(xb, b_layout.layer_offsets, layout.layers, config or TreeConfig(), names)
+    head_policy = (config or (tree.config if isinstance(tree, AggregationTree) else TreeConfig())).head
+    if clip_norm is None and robust == "mean" and not (layout.has_head and head_policy == "local"):
+        # The streamed path: no packed copy of the clients; one segment (layer) at a time.
+        device = states[0][layout.keys[0]].device
+        w = _weights(weights, n, names, device)
+        if tree is None:
+            tree = build_tree(client_states, config or TreeConfig())
+        else:
+            _check_tree(tree, layout, n, names)
+        if n == 1:
+            warnings.warn("aggregate() got a single client: nothing to share, returning its state unchanged", stacklevel=2)
+        labels = _segment_labels(tree.labels, layout, head_policy)
+        cluster_out, external_out = _streamed_experts(states, layout, labels, w, int(tree.n_clusters.max()), names)
     else:
-        _check_tree(tree, layout, n, names)
-    head_policy = (config or tree.config).head
-
-    if n == 1:
-        warnings.warn("aggregate() got a single client: nothing to share, returning its state unchanged", stacklevel=2)
-
-    labels = tree.labels
-    if layout.has_head:  # the non-layer segment's partition
-        head_row = labels[-1] if head_policy == "deepest" else torch.zeros_like(labels[-1])
-        labels = torch.cat([labels, head_row[None]], dim=0)
-    local_head = layout.has_head and head_policy == "local"
-    cluster_out, external_out = _experts(x, layout, layout.layer_offsets, labels, w, int(tree.n_clusters.max()),
-                                         names, robust, trim_ratio, x_local_head=x if local_head else None)
+        x = adapters.pack(states, layout)
+        w = _weights(weights, n, names, x.device)
+        if clip_norm is not None or robust != "mean":  # paths whose ops do not scan x for NaN/Inf themselves
+            _raise_nonfinite(x, layout, names)
+        if clip_norm is not None:
+            _clip_(x, layout, clip_norm)
+        if tree is None:
+            b_layout = layout.b_layout()
+            xb = _columns(x, layout.layer_offsets.tolist(), layout.b_ends)
+            with _name_nonfinite(x, layout, names):
+                tree = build_tree_from_rows(xb, b_layout.layer_offsets, layout.layers, config or TreeConfig(), names)
+        else:
+            _check_tree(tree, layout, n, names)
+        if n == 1:
+            warnings.warn("aggregate() got a single client: nothing to share, returning its state unchanged", stacklevel=2)
+        labels = _segment_labels(tree.labels, layout, head_policy)
+        local_head = layout.has_head and head_policy == "local"
+        cluster_out, external_out = _experts(x, layout, layout.layer_offsets, labels, w, int(tree.n_clusters.max()),
+                                             names, robust, trim_ratio, x_local_head=x if local_head else None)
     if names is not None:
         cluster_out = dict(zip(names, cluster_out))
         external_out = dict(zip(names, external_out))
     return AggregationResult(tree=tree, cluster_states=cluster_out, external_states=external_out)
+
+
+def _segment_labels(labels: torch.Tensor, layout, head_policy: str) -> torch.Tensor:
+    """[S, N]: the tree's layer labels, plus the non-layer segment's partition when there is one."""
+    if layout.has_head:
+        head_row = labels[-1] if head_policy == "deepest" else torch.zeros_like(labels[-1])
+        labels = torch.cat([labels, head_row[None]], dim=0)
+    return labels
+
+
+_BLOCK_BYTES = 256 << 20
+"""The streamed aggregate gathers consecutive segments up to this many bytes of columns per op call."""
+
+
+def _streamed_experts(states, layout, labels, w, n_clusters: int, names):
+    """_experts' outputs without packing: consecutive segments (layers) at a time, their columns
+    [N, w_block] gathered from the state dicts (at most `_BLOCK_BYTES`, at least one segment), one
+    `ops.tree_reduce` per block, the results written into the [C, P] experts. Each client tensor is read
+    once; besides the inputs only the experts and one block of columns are held. Equal to the packed
+    path to the bit (the reduction of a column never depends on the other columns)."""
+    off = layout.layer_offsets.tolist()
+    n_segments = len(off) - 1
+    seg_keys: list[list[str]] = [[] for _ in range(n_segments)]
+    for key, (lo, _) in zip(layout.keys, layout.columns):
+        seg_keys[bisect_right(off, lo) - 1].append(key)
+    device = states[0][layout.keys[0]].device
+    item = torch.empty(0, dtype=layout.dtype).element_size()
+    cluster = torch.empty(n_clusters, off[-1], dtype=layout.dtype, device=device)
+    external = torch.empty(n_clusters, off[-1], dtype=layout.dtype, device=device)
+    labels = labels.to(device)
+    first = 0
+    while first < n_segments:
+        last = first + 1  # the block is segments first .. last - 1
+        while last < n_segments and len(states) * (off[last + 1] - off[first]) * item <= _BLOCK_BYTES:
+            last += 1
+        lo, hi = off[first], off[last]
+        rows = layer_rows(states, [k for s_ in range(first, last) for k in seg_keys[s_]], layout.dtype)
+        offsets = torch.tensor([o - lo for o in off[first:last + 1]], dtype=torch.int64, device=device)
+        try:
+            c, e = ops.tree_reduce(rows, offsets, labels[first:last], w, n_clusters=n_clusters)
+        except ValueError:
+            problem = adapters.first_nonfinite(rows, layout, names, column_offset=lo)
+            if problem:
+                raise ValueError(problem) from None
+            raise
+        cluster[:, lo:hi] = c
+        external[:, lo:hi] = e
+        del rows, c, e
+        first = last
+    labels = labels.cpu()
+    anyone_outside = bool((labels != labels[:, :1]).any())
+    return _per_client_views(cluster, external if anyone_outside else None, labels, layout, layout.layer_offsets, None)
 
 
 def group_experts(client_states, layer_labels, weights=None, *, a_labels=None, head_labels=None) -> list[tuple]:
