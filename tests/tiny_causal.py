@@ -41,7 +41,8 @@ def save_tiny_causal_lm(folder: str | Path, arch: str = "llama", layers: int = 2
     common = dict(vocab_size=len(VOCAB), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
                   num_key_value_heads=1, intermediate_size=2 * hidden, max_position_embeddings=128,
                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+                  eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+                  initializer_range=0.2)   # wide enough for confident logits at width 32 (0.02 caps them near uniform)
     torch.manual_seed(seed)
     if arch == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
@@ -54,8 +55,13 @@ def save_tiny_causal_lm(folder: str | Path, arch: str = "llama", layers: int = 2
     return str(folder)
 
 
-def tiny_prompts(num: int = 160, seed: int = 0, doc_words: tuple[int, int] = (5, 9), copy: int = 3) -> PromptDataset:
-    """Two groups of examples over random word documents: copy the first `copy` words, or the last."""
+CONSTANT = {"first": "w1 w2 w3", "last": "w21 w22 w23"}
+
+
+def tiny_prompts(num: int = 160, seed: int = 0, doc_words: tuple[int, int] = (5, 9), copy: int = 3,
+                 constant: bool = False) -> PromptDataset:
+    """Two groups of examples over random word documents: copy the first `copy` words, or the last
+    (constant=True: answer the group's fixed phrase `CONSTANT[group]`, learnable by LoRA in a few dozen steps)."""
     rng = np.random.default_rng(seed)
     docs, ins, resp, groups = [], [], [], []
     names = list(INSTRUCTIONS)
@@ -64,7 +70,10 @@ def tiny_prompts(num: int = 160, seed: int = 0, doc_words: tuple[int, int] = (5,
         words = rng.choice(WORDS, rng.integers(*doc_words, endpoint=True)).tolist()
         docs.append(" ".join(words))
         ins.append(INSTRUCTIONS[names[g]])
-        resp.append(" ".join(words[:copy] if g == 0 else words[-copy:]))
+        if constant:
+            resp.append(CONSTANT[names[g]])
+        else:
+            resp.append(" ".join(words[:copy] if g == 0 else words[-copy:]))
         groups.append(g)
     return PromptDataset(docs, ins, resp, np.array(groups), names, name="tiny-prompts")
 
