@@ -305,7 +305,7 @@ def test_shipped_nlg_config_loads():
     from pathlib import Path
     cfg = ExperimentConfig.from_file(Path(__file__).parents[1] / "configs" / "nlg-aclsum.yaml")
     assert (cfg.task, cfg.model, cfg.dataset, cfg.num_clients, cfg.num_groups) == ("causal_lm", "smollm2", "aclsum", 8, 4)
-    assert (cfg.batch_size, cfg.max_length, cfg.lora_r) == (8, 128, 8)
+    assert (cfg.batch_size, cfg.max_length, cfg.lora_r, cfg.samples_per_client) == (8, 128, 8, 40)
 
 
 # -- mixing on LLaMA attention projections -----------------------------------------------------------

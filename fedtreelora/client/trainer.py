@@ -204,8 +204,9 @@ class CausalLMTrainer(LocalTrainer):
             ids, mask = ids[:, keep].to(self.device), mask[:, keep].to(self.device)
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
             generated = out[:, ids.shape[1]:]
-            done = (generated == tokenizer.eos_token_id) | (generated == tokenizer.pad_token_id)
-            new_tokens += int((~done).sum()) + int(done.any(1).sum())
+            ended = generated == tokenizer.eos_token_id        # tokens up to and including the first EOS count
+            first = torch.where(ended.any(1), ended.int().argmax(1) + 1, torch.full_like(ended[:, 0], generated.shape[1], dtype=torch.long))
+            new_tokens += int(first.sum())
             out_texts += [t.strip() for t in tokenizer.batch_decode(generated, skip_special_tokens=True)]
             bar.update(len(index))
             bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - t0, 1e-9):.1f}")
