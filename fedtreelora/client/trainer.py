@@ -171,10 +171,7 @@ class CausalLMTrainer(LocalTrainer):
         batch = {k: self.features[k][index] for k in ("input_ids", "attention_mask", "labels")}
         keep = batch["attention_mask"].bool().any(0)          # drop columns that are padding in every row
         batch = {k: v[:, keep].to(self.device) for k, v in batch.items()}
-        return batch, batch.pop("labels")
-
-    def _loss(self, batch, labels):
-        return self.model(**batch, labels=labels).loss
+        return batch, batch.pop("labels")      # the model's own loss shifts them (LocalTrainer._loss)
 
     def response_loss(self, idx: np.ndarray) -> tuple[float, int]:
         """(summed cross-entropy over the response tokens of examples `idx`, their token count)."""
