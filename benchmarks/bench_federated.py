@@ -2,6 +2,10 @@
 hierarchical), 3 seeds.
 
     python benchmarks/bench_federated.py [--settings hierarchical] [--seeds 0 1 2] [--methods ...] [--out benchmarks/results]
+and the causal-LM setting `nlg-aclsum` (configs/nlg-aclsum.yaml: SmolLM2 on ACLSum, ROUGE-1;
+fedtreelora, fedalt, fedit and local unless --methods says otherwise):
+
+    python benchmarks/bench_federated.py --settings nlg-aclsum --seeds 0 --threads 2
 
 Writes benchmarks/results/federated.json (per setting, method and seed: mean/std and per-client
 accuracy, wall time, cuts) and federated.md (mean over seeds +- std over seeds of the mean client
@@ -27,7 +31,8 @@ from fedtreelora.federation.schedule import run_experiment
 from fedtreelora.federation.methods import METHODS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SETTINGS = {name: CONFIGS / f"{name}.yaml" for name in ("planted-groups", "dirichlet-only", "hierarchical")}
+SETTINGS = {name: CONFIGS / f"{name}.yaml" for name in ("planted-groups", "dirichlet-only", "hierarchical", "nlg-aclsum")}
+SETTING_METHODS = {"nlg-aclsum": ["fedtreelora", "fedalt", "fedit", "local"]}
 
 
 def setting_config(name: str) -> ExperimentConfig:
@@ -38,11 +43,13 @@ def markdown(results: dict) -> str:
     lines = []
     for setting in [s for s in SETTINGS if s in results]:
         by_method = results[setting]
-        lines += [f"\n**{setting}** (`configs/{setting}.yaml`; mean client accuracy, mean ± std over seeds)\n",
-                  "| method | accuracy (%) | seeds | deepest cut vs planted groups (ARI) | wall per run (s) |",
+        metric = next((r.get("metric", "accuracy") for runs in by_method.values() for r in runs), "accuracy")
+        label = {"accuracy": "accuracy", "rouge1": "ROUGE-1"}.get(metric, metric)
+        lines += [f"\n**{setting}** (`configs/{setting}.yaml`; mean client {label}, mean ± std over seeds)\n",
+                  f"| method | {label} (%) | seeds | deepest cut vs planted groups (ARI) | wall per run (s) |",
                   "|---|---:|---:|---:|---:|"]
         for name, runs in by_method.items():
-            acc = np.array([r["mean_accuracy"] for r in runs]) * 100
+            acc = np.array([r[f"mean_{r.get('metric', 'accuracy')}"] for r in runs]) * 100
             wall = np.mean([r["wall_s"] for r in runs])
             aris = [r.get("deepest_ari") for r in runs]
             ari = "-" if any(a is None for a in aris) else " / ".join(f"{a:.2f}" for a in aris)
@@ -55,14 +62,15 @@ def paired(by_method: dict) -> list[str]:
     """Per seed, fedtreelora's mean client accuracy minus each method's (points), and their mean."""
     if "fedtreelora" not in by_method:
         return []
-    ours = {r["seed"]: r["mean_accuracy"] for r in by_method["fedtreelora"]}
+    key = lambda r: r[f"mean_{r.get('metric', 'accuracy')}"]   # noqa: E731
+    ours = {r["seed"]: key(r) for r in by_method["fedtreelora"]}
     seeds = sorted(ours)
-    lines = ["", "fedtreelora minus each method, per seed (points of mean client accuracy):", "",
+    lines = ["", "fedtreelora minus each method, per seed (points of the mean client metric):", "",
              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|---|" + "---:|" * (len(seeds) + 1)]
     for name, runs in by_method.items():
         if name == "fedtreelora":
             continue
-        theirs = {r["seed"]: r["mean_accuracy"] for r in runs}
+        theirs = {r["seed"]: key(r) for r in runs}
         diffs = [100 * (ours[s] - theirs[s]) for s in seeds if s in theirs]
         if diffs:
             lines.append(f"| {name} | " + " | ".join(f"{d:+.1f}" for d in diffs) + f" | {np.mean(diffs):+.1f} |")
@@ -95,7 +103,7 @@ def save(json_path: Path, results: dict, wall_s: float) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", help="methods to run (default: all; nlg-aclsum: fedtreelora fedalt fedit local)")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--run-root", default="runs/bench_federated")
@@ -107,14 +115,16 @@ def main(argv=None) -> int:
     results = {}
     started = time.perf_counter()
     for setting in args.settings:
-        results[setting] = {m: [] for m in args.methods}
+        methods = args.methods or SETTING_METHODS.get(setting, list(METHODS))
+        results[setting] = {m: [] for m in methods}
         for seed in args.seeds:
             cfg = setting_config(setting).replace(seed=seed, **({"num_threads": args.threads} if args.threads else {}))
-            summary = run_experiment(cfg, args.methods, Path(args.run_root) / f"{setting}-seed{seed}", resume=True)
+            summary = run_experiment(cfg, methods, Path(args.run_root) / f"{setting}-seed{seed}", resume=True)
+            metric = cfg.metric_name
             for name, r in summary["methods"].items():
-                results[setting][name].append({"seed": seed, "mean_accuracy": r["mean_accuracy"],
-                                               "std_accuracy": r["std_accuracy"], "wall_s": r["wall_s"],
-                                               "accuracy": r["accuracy"],
+                results[setting][name].append({"seed": seed, "metric": metric, f"mean_{metric}": r[f"mean_{metric}"],
+                                               f"std_{metric}": r[f"std_{metric}"], "wall_s": r["wall_s"],
+                                               metric: r[metric],
                                                "warmup_wall_s": summary["warmup_wall_s"],
                                                "n_clusters": r["method_state"].get("n_clusters"),
                                                "deepest_ari": deepest_ari(r["method_state"], summary["groups"])})

@@ -1,4 +1,7 @@
-"""Tables and figures of a run: the results table, accuracy per round, the client tree's dendrogram.
+"""Tables and figures of a run: the results table, the main metric per round, the client tree's dendrogram.
+
+The main metric is the task's (`summary["metric"]`): accuracy for classification, ROUGE-1 F1 for
+causal_lm; both are stored as fractions and shown in percent.
 
 Figures are drawn on matplotlib `Figure` objects with an Agg canvas of their own: no pyplot state,
 no display needed, and the caller's matplotlib backend is never changed.
@@ -25,29 +28,56 @@ def _figure(figsize):
     return fig
 
 
+METRIC_LABELS = {"accuracy": "acc", "rouge1": "ROUGE-1"}
+
+
+def summary_metric(summary: dict) -> str:
+    """The run's main metric ("accuracy" for runs recorded before tasks had their own)."""
+    return summary.get("metric", "accuracy")
+
+
 def format_table(summary: dict) -> str:
-    """Markdown table: method, mean and std of per-client accuracy, rounds, wall time."""
-    lines = ["| method | mean acc (%) | std (%) | rounds | wall (s) |", "|---|---:|---:|---:|---:|"]
+    """Markdown table: method, mean and std of the per-client main metric (%), rounds, wall time.
+
+    With client groups named (`summary["group_names"]`, e.g. the ACLSum tasks), one more column per
+    group holds the mean over that group's clients.
+    """
+    metric = summary_metric(summary)
+    label = METRIC_LABELS.get(metric, metric)
+    names = summary.get("group_names") or []
+    groups = np.asarray(summary.get("groups", []))
+    per_group = len(names) > 1 and len(groups) > 0
+    extra = "".join(f" {n} (%) |" for n in names) if per_group else ""
+    lines = [f"| method | mean {label} (%) | std (%) |{extra} rounds | wall (s) |",
+             "|---|---:|---:|" + ("---:|" * len(names) if per_group else "") + "---:|---:|"]
     for name, r in summary["methods"].items():
-        lines.append(f"| {name} | {100 * r['mean_accuracy']:.1f} | {100 * r['std_accuracy']:.1f} | "
+        cells = ""
+        if per_group:
+            values = np.array([np.nan if v is None else v for v in r[metric]], dtype=np.float64)
+            cells = "".join(f" {100 * np.nanmean(values[groups == g]):.1f} |" if np.any(groups == g) else " - |"
+                            for g in range(len(names)))
+        lines.append(f"| {name} | {100 * r[f'mean_{metric}']:.1f} | {100 * r[f'std_{metric}']:.1f} |{cells} "
                      f"{r['rounds']} | {r['wall_s']:.1f} |")
     lines.append(f"\nshared warm-up: {summary['warmup_wall_s']:.1f} s (not included in the per-method wall times)")
     return "\n".join(lines)
 
 
 def plot_accuracy(summary: dict, path) -> None:
-    """Mean per-client accuracy per round of every method (Figure API: the caller's backend is left alone)."""
+    """Mean per-client main metric (accuracy or ROUGE-1) per round of every method (Figure API: the
+    caller's backend is left alone)."""
+    metric = summary_metric(summary)
+    label = {"accuracy": "accuracy", "rouge1": "ROUGE-1 F1"}.get(metric, metric)
     fig = _figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     for name, r in summary["methods"].items():
         rounds = [h["round"] for h in r["history"]]
-        ax.plot(rounds, [100 * h["mean_accuracy"] for h in r["history"]], marker="o", label=name)
+        ax.plot(rounds, [100 * h[f"mean_{metric}"] for h in r["history"]], marker="o", label=name)
     warm = summary["config"]["warmup_rounds"]
     if warm:
         ax.axvline(warm + 0.5, color="grey", linestyle=":", label="end of warm-up")
     ax.set_xlabel("round")
-    ax.set_ylabel("mean per-client accuracy (%)")
-    ax.set_title("personalised accuracy per round")
+    ax.set_ylabel(f"mean per-client {label} (%)")
+    ax.set_title(f"personalised {label} per round")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
@@ -58,7 +88,8 @@ def plot_seed_means(by_method: dict, path, title: str = "") -> None:
 
     by_method: {method: [{"seed", "mean_accuracy", ...} per seed]} (bench_federated's records)."""
     names = list(by_method)
-    acc = [100 * np.array([r["mean_accuracy"] for r in by_method[m]]) for m in names]
+    metric = next((r.get("metric", "accuracy") for runs in by_method.values() for r in runs), "accuracy")
+    acc = [100 * np.array([r[f"mean_{metric}"] for r in by_method[m]]) for m in names]
     fig = _figure(figsize=(max(5.0, 0.8 * len(names) + 2), 4.0))
     ax = fig.add_subplot()
     colours = ["#d95f02" if m == "fedtreelora" else "#7570b3" if m == "oracle-groups" else "#1b9e77" for m in names]
@@ -68,7 +99,7 @@ def plot_seed_means(by_method: dict, path, title: str = "") -> None:
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     lo = min(float(a.min()) for a in acc)
     ax.set_ylim(max(0.0, lo - 10), 100)
-    ax.set_ylabel("mean client accuracy (%)")
+    ax.set_ylabel(f"mean client {METRIC_LABELS.get(metric, metric)} (%)")
     ax.set_title(f"{title}: mean over {max(len(a) for a in acc)} seeds, bars = std over seeds", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(path, dpi=120)
@@ -77,22 +108,24 @@ def plot_seed_means(by_method: dict, path, title: str = "") -> None:
 def plot_per_client_against(by_method: dict, reference: str, path, title: str = "") -> None:
     """Each client's accuracy (every seed) under each method against its accuracy under `reference`:
     points above the diagonal gain from the method, points below lose."""
-    ref = {r["seed"]: r["accuracy"] for r in by_method[reference]}
-    others = [m for m in by_method if m != reference and all("accuracy" in r for r in by_method[m])]
+    metric = next((r.get("metric", "accuracy") for runs in by_method.values() for r in runs), "accuracy")
+    ref = {r["seed"]: r[metric] for r in by_method[reference]}
+    others = [m for m in by_method if m != reference and all(metric in r for r in by_method[m])]
     fig = _figure(figsize=(4.8, 4.6))
     ax = fig.add_subplot()
     markers = "osD^v<>pPX*"
     for i, m in enumerate(others):
         xs, ys = [], []
         for r in by_method[m]:
-            for a, b in zip(ref.get(r["seed"], []), r["accuracy"]):
+            for a, b in zip(ref.get(r["seed"], []), r[metric]):
                 if a is not None and b is not None:
                     xs.append(100 * a), ys.append(100 * b)
         ax.scatter(xs, ys, s=14, marker=markers[i % len(markers)], alpha=0.7, label=m,
                    zorder=3 if m == "fedtreelora" else 2)
     ax.plot([0, 100], [0, 100], color="0.5", linewidth=1, linestyle="--")
-    ax.set_xlabel(f"client accuracy under {reference} (%)")
-    ax.set_ylabel("client accuracy under the method (%)")
+    label = METRIC_LABELS.get(metric, metric)
+    ax.set_xlabel(f"client {label} under {reference} (%)")
+    ax.set_ylabel(f"client {label} under the method (%)")
     ax.set_title(f"{title}: who gains, who loses", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
@@ -100,12 +133,12 @@ def plot_per_client_against(by_method: dict, reference: str, path, title: str = 
 
 
 def write_outputs(run_dir, summary: dict, tree=None) -> None:
-    """metrics.json, table.md and accuracy.png of a run; tree.json and tree.png when a tree is given."""
+    """metrics.json, table.md and <metric>.png (accuracy.png, rouge1.png) of a run; tree.json and tree.png when a tree is given."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=1))
     atomic_write_text(run_dir / "table.md", format_table(summary) + "\n")
-    plot_accuracy(summary, run_dir / "accuracy.png")
+    plot_accuracy(summary, run_dir / f"{summary_metric(summary)}.png")
     if tree is not None:
         tree.to_json(run_dir / "tree.json")
         tree.plot(str(run_dir / "tree.png"))

@@ -4,14 +4,21 @@ One `LocalTrainer` holds the (single) PEFT model and its `ExpertMixer`; a client
 loaded into it: PEFT adapter weights (cluster expert + head), its mixing logits and, from the
 server, its external expert. Every random draw of a local run comes from `seed`, so a round can be
 replayed exactly (this is what makes `--resume` land on the same metrics).
+
+`LocalTrainer` is the sequence classifier's (loss and accuracy on labels); `CausalLMTrainer` the
+instruction-tuned causal LM's (loss on response tokens only; evaluation by batched greedy generation
+with left padding, scored by ROUGE-1 F1, plus the response loss). Both share the optimiser loop.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import time
+
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .mixing import ExpertMixer
 
@@ -23,6 +30,9 @@ class ClientState:
 
 
 class LocalTrainer:
+    """Training and evaluation of a sequence classifier's clients on one shared PEFT model."""
+    metric = "accuracy"
+
     def __init__(self, peft_model, features: dict[str, torch.Tensor], config):
         self.model = peft_model
         self.features = features
@@ -30,6 +40,7 @@ class LocalTrainer:
         self.device = torch.device(config.device)
         self.model.to(self.device)
         self.mixer = ExpertMixer(peft_model, init_lam=config.mixing_init).to(self.device)
+        self.progress = False       # progress bars of local steps (and generation); the drivers set it
 
     # -- state -----------------------------------------------------------------------------
     def initial_state(self) -> ClientState:
@@ -104,13 +115,15 @@ class LocalTrainer:
         scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
         self.model.train()
         order, pos, losses = rng.permutation(len(train_idx)), 0, []
+        bar = tqdm(total=steps, desc="local steps", unit="step", disable=not self.progress, leave=False,
+                   dynamic_ncols=True)
         for _ in range(steps):
             if pos >= len(order):
                 order, pos = rng.permutation(len(train_idx)), 0
             take = order[pos:pos + cfg.batch_size]
             pos += cfg.batch_size
             batch, labels = self._batch(train_idx[take], train_labels[take])
-            loss = self.model(**batch, labels=labels).loss
+            loss = self._loss(batch, labels)
             loss.backward()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(lora_params + mix_params, cfg.max_grad_norm)
@@ -118,7 +131,13 @@ class LocalTrainer:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+            bar.update()
+        bar.close()
         return {"train_loss": float(np.mean(losses)), "steps": steps, "num_samples": int(len(train_idx))}
+
+    def _loss(self, batch: dict, labels: torch.Tensor) -> torch.Tensor:
+        return self.model(**batch, labels=labels).loss
 
     @torch.no_grad()
     def evaluate(self, test_idx: np.ndarray, test_labels: np.ndarray) -> dict:
@@ -132,3 +151,74 @@ class LocalTrainer:
             total_loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(-1) == labels).sum())
         return {"loss": total_loss / max(n, 1), "accuracy": correct / max(n, 1), "num_samples": int(n)}
+
+
+class CausalLMTrainer(LocalTrainer):
+    """Clients of an instruction-tuned causal LM (features from `models.tokenize_prompts`).
+
+    Training: the mean cross-entropy over response tokens (labels are -100 at prompt and padding
+    positions; the model shifts them). Evaluation on a client's held-out split: the response loss
+    (summed over response tokens, divided by their count) and ROUGE-1 F1 (rouge-score, stemmer on)
+    of greedy generations of `max_new_tokens` tokens from the left-padded prompts, in batches of
+    `batch_size`, against the reference responses.
+    """
+    metric = "rouge1"
+
+    def __init__(self, peft_model, features: dict, config, tokenizer):
+        super().__init__(peft_model, features, config)
+        self.tokenizer = tokenizer
+
+    def _batch(self, idx: np.ndarray, labels=None):
+        index = torch.as_tensor(idx, dtype=torch.long)
+        batch = {k: self.features[k][index] for k in ("input_ids", "attention_mask", "labels")}
+        keep = batch["attention_mask"].bool().any(0)          # drop columns that are padding in every row
+        batch = {k: v[:, keep].to(self.device) for k, v in batch.items()}
+        return batch, batch.pop("labels")      # the model's own loss shifts them (LocalTrainer._loss)
+
+    def response_loss(self, idx: np.ndarray) -> tuple[float, int]:
+        """(summed cross-entropy over the response tokens of examples `idx`, their token count)."""
+        total, count = 0.0, 0
+        for start in range(0, len(idx), self.config.batch_size):
+            batch, labels = self._batch(idx[start:start + self.config.batch_size])
+            logits = self.model(**batch).logits[:, :-1].float()
+            target = labels[:, 1:]
+            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                             ignore_index=-100, reduction="sum"))
+            count += int((target != -100).sum())
+        return total, count
+
+    def generate(self, idx: np.ndarray) -> list[str]:
+        """Greedy generations (decoded, special tokens dropped) for the prompts of examples `idx`."""
+        from transformers import GenerationConfig
+        tokenizer = self.tokenizer
+        gen = GenerationConfig(max_new_tokens=self.config.max_new_tokens, do_sample=False, num_beams=1,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out_texts, new_tokens, t0 = [], 0, time.perf_counter()
+        bar = tqdm(total=len(idx), desc="generating", unit="ex", disable=not self.progress, leave=False,
+                   dynamic_ncols=True)
+        for start in range(0, len(idx), self.config.batch_size):
+            index = torch.as_tensor(idx[start:start + self.config.batch_size], dtype=torch.long)
+            ids, mask = self.features["prompt_ids"][index], self.features["prompt_mask"][index]
+            keep = mask.bool().any(0)
+            ids, mask = ids[:, keep].to(self.device), mask[:, keep].to(self.device)
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+            generated = out[:, ids.shape[1]:]
+            ended = generated == tokenizer.eos_token_id        # tokens up to and including the first EOS count
+            first = torch.where(ended.any(1), ended.int().argmax(1) + 1, torch.full_like(ended[:, 0], generated.shape[1], dtype=torch.long))
+            new_tokens += int(first.sum())
+            out_texts += [t.strip() for t in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+            bar.update(len(index))
+            bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - t0, 1e-9):.1f}")
+        bar.close()
+        return out_texts
+
+    @torch.no_grad()
+    def evaluate(self, test_idx: np.ndarray, test_labels=None) -> dict:
+        """ROUGE-1 F1 (fraction) of the greedy generations and the response loss on `test_idx`."""
+        from .metrics import rouge1_f1
+        self.model.eval()
+        total, count = self.response_loss(test_idx)
+        predictions = self.generate(test_idx)
+        references = [self.features["references"][i] for i in test_idx]
+        return {"loss": total / max(count, 1), "rouge1": rouge1_f1(predictions, references),
+                "num_samples": int(len(test_idx))}

