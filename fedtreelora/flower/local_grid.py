@@ -24,6 +24,8 @@ CLIENT_APP_EXCEPTION = 1   # the error code a SuperNode uses for a ClientApp tha
 class InProcessGrid(Grid):
     """A Grid over in-process nodes.
 
+    An app that returns None sends no reply (the server sees a node that timed out).
+
     Parameters
     ----------
     apps : mapping of int to ClientApp or callable
@@ -100,6 +102,8 @@ class InProcessGrid(Grid):
         except Exception as exc:   # noqa: BLE001 - a SuperNode turns any ClientApp exception into an error reply
             reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
             return Message(Error(code=CLIENT_APP_EXCEPTION, reason=reason), reply_to=message)
+        if reply is None:
+            return None            # the app answered nothing: to the server, a node that timed out
         if not isinstance(reply, Message):
             return Message(Error(code=CLIENT_APP_EXCEPTION, reason=f"node {node}'s app returned "
                                  f"{type(reply).__name__}, not a Message"), reply_to=message)
