@@ -32,7 +32,8 @@ from tiny_models import pretrain_tiny_bert, save_tiny_bert, tiny_config, tiny_da
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-APP = ROOT / "examples" / "flower_app"
+APP = ROOT / "examples" / "flower_app"                 # FlowerTune-style: FedTreeLoRA strategy + client helpers
+EXPERIMENT_APP = ROOT / "examples" / "flower_experiment"   # this project's experiment (PersonalisedStrategy)
 METHOD = "fedtreelora"
 BIN = Path(sys.executable).parent
 
@@ -91,7 +92,7 @@ def test_messages_carry_each_clients_state_exactly():
 
 def test_example_app_config_is_the_calibrated_experiment():
     import tomllib
-    app_config = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    app_config = tomllib.loads((EXPERIMENT_APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert app_config["method"] == "fedtreelora"
     assert config_from_run_config(app_config) == ExperimentConfig()
 
@@ -185,6 +186,43 @@ def test_dropped_client_is_logged_and_keeps_its_upload(plain_tiny_model, tmp_pat
     for k in range(cfg.num_clients):
         same = all(torch.equal(warm[k].adapter[key], last[k].adapter[key]) for key in warm[k].adapter)
         assert same == (k == 2), f"client {k}"
+
+
+def _flowertune_run_config(model_path, save_path, **changes):
+    """The example app's run config ([tool.flwr.app.config], flattened as Flower does) with the tiny model and data."""
+    import tomllib
+    from flwr.common.config import flatten_dict
+    config = flatten_dict(tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    config.update({"model.name": str(model_path), "data.dataset-fn": "test_flower:tiny_data", "data.max-length": 12,
+                   "data.samples-per-node": 60, "model.lora.r": 2, "model.lora.alpha": 4.0, "train.local-steps": 3,
+                   "train.batch-size": 8, "train.learning-rate": 0.01, "save-path": str(save_path), **changes})
+    return config
+
+
+def test_flowertune_example_app_runs_in_process(tiny_model, tmp_path, monkeypatch):
+    """examples/flower_app's own ServerApp main and ClientApp, over the in-process Grid with 4 nodes in 2 planted
+    groups: it finishes, saves every node's experts and the tree, and personalised accuracy beats chance."""
+    from flwr.supercore.task_identity import TaskIdentity
+    from fedtreelora.flower import InProcessGrid
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    monkeypatch.syspath_prepend(str(APP))
+    from flower_app import client_app, server_app
+    from flwr.app import Context, RecordDict
+    assert "FedTreeLoRA(" in (APP / "flower_app" / "server_app.py").read_text()
+    save = tmp_path / "out"
+    rc = _flowertune_run_config(tiny_model, save, **{"num-server-rounds": 3, "warmup-rounds": 2})
+    grid = InProcessGrid({n: client_app.app for n in range(4)}, run_config=rc,
+                         node_configs={n: {"partition-id": n, "num-partitions": 4} for n in range(4)})
+    server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
+    summary = json.loads((save / "summary.json").read_text())
+    assert summary["failures"] == []
+    assert sorted(summary["evaluate"]) == ["1", "2", "3"]
+    tree = json.loads((save / "tree.json").read_text())
+    assert tree["client_names"] == ["0", "1", "2", "3"]
+    for node in range(4):
+        assert (save / f"node_{node}" / "cluster.safetensors").is_file()
+    assert summary["evaluate"]["3"]["accuracy"] > 1 / 3 + 0.1        # 5 topics, 3 per group: chance is 1/3
 
 
 # -- slow: real federations through Flower ---------------------------------------------------------
