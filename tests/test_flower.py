@@ -371,11 +371,11 @@ def test_deployment_superlink_and_two_supernodes(tiny_model, tmp_path, child_env
         processes.append(subprocess.Popen([str(BIN / args[0]), *args[1:]],
                                           stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
 
-    run_dir = tmp_path / "run"
-    overrides = (f"model='{tiny_model}' dataset='unused' dataset-fn='test_flower:tiny_data' num-clients=2 num-groups=1 "
-                 f"samples-per-client=40 max-length=12 lora-r=2 lora-alpha=4.0 target-modules='query,value' "
-                 f"local-steps=2 batch-size=8 lr=0.01 warmup-rounds=1 rounds=1 round-timeout=240 "
-                 f"method='{METHOD}' run-dir='{run_dir}'")
+    save = tmp_path / "run"
+    rc = _flowertune_run_config(tiny_model, save, **{"num-server-rounds": 2, "warmup-rounds": 1, "data.num-groups": 1,
+                                                     "data.samples-per-node": 40, "train.local-steps": 2,
+                                                     "round-timeout": 240})
+    overrides = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in rc.items())
     try:
         start("superlink", "flower-superlink", "--insecure", "--port", str(link_port),
               "--disable-runtime-dependency-installation")
@@ -391,12 +391,15 @@ def test_deployment_superlink_and_two_supernodes(tiny_model, tmp_path, child_env
                 break
             time.sleep(2)
         assert run is not None and "Successfully started run" in run.stdout, run.stdout + run.stderr
-        assert (run_dir / "metrics.json").is_file(), "the run did not finish:\n" + run.stdout[-6000:] + run.stderr
-        summary = json.loads((run_dir / "metrics.json").read_text())
-        history = summary["methods"][METHOD]["history"]
-        assert [h["phase"] for h in history] == ["warmup", METHOD]
-        assert summary["failures"] == [] and all(a is not None for a in history[-1]["accuracy"])
-        assert "2 clients connected" in run.stdout
+        assert (save / "summary.json").is_file(), "the run did not finish:\n" + run.stdout[-6000:] + run.stderr
+        summary = json.loads((save / "summary.json").read_text())
+        assert summary["failures"] == [] and sorted(summary["evaluate"]) == ["1", "2"]
+        assert len(summary["evaluate_per_node"]["2"]) == 2            # both SuperNodes evaluated personalised
+        tree = json.loads((save / "tree.json").read_text())
+        assert len(tree["client_names"]) == 2
+        for node in tree["client_names"]:
+            assert (save / f"node_{node}" / "cluster.safetensors").is_file()
+        assert "configure_train: round 2 (federated), 2 node(s)" in run.stdout
     finally:
         _stop(processes)
         for log in logs:
