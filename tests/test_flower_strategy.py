@@ -281,6 +281,25 @@ def test_failing_and_silent_nodes_keep_their_experts(records):
         [n for n in ids if n != 104]
 
 
+def test_nodes_not_sampled_are_represented_by_their_last_upload():
+    nodes, initial, _ = _federation()
+    ids = sorted(nodes)
+    weights = {n: float(nodes[n].weight) for n in ids}
+    strategy = FedTreeLoRA(warmup_rounds=1, fraction_train=0.5, min_train_nodes=2)
+    strategy.start(grid=InProcessGrid(nodes), initial_arrays=to_arrayrecord(initial), num_rounds=4)
+    trained = {rnd: [n for n in ids if rnd in nodes[n].uploads()] for rnd in (1, 2, 3, 4)}
+    assert trained[1] == ids                                   # warm-up: every node, whatever fraction_train is
+    assert all(len(trained[r]) == 3 for r in (2, 3, 4))       # then half of them
+    latest = {n: nodes[n].uploads()[1] for n in ids}
+    for rnd in (2, 3):
+        latest.update({n: nodes[n].uploads()[rnd] for n in trained[rnd]})
+        expected = _expected_experts(strategy, latest, weights, ids)
+        for n in trained[rnd + 1]:                             # what the next round's sampled nodes receive
+            _close(nodes[n].got("train", rnd + 1)[3], expected.cluster_states[str(n)])
+    not_sampled = [n for n in ids if n not in trained[4]]
+    assert all(not any(r[0] == "train" and r[1] == 4 for r in nodes[n].received) for n in not_sampled)
+
+
 def test_late_node_gets_the_global_mean_without_extend_tree(records, monkeypatch):
     monkeypatch.delattr(fedtreelora, "extend_tree", raising=False)
     nodes, initial, _ = _federation(n=7)
@@ -426,7 +445,23 @@ def test_load_experts_and_make_reply_on_a_tiny_peft_model():
                                                                                           "num-examples": 5}
 
 
-def test_external_expert_changes_the_forward_exactly_as_the_mixing_formula():
+def test_hf_trainer_trains_lam_with_no_extra_code(tmp_path, one_thread):
+    pytest.importorskip("accelerate")
+    from peft_fixtures import randomised_state
+    from transformers import Trainer, TrainingArguments
+    model, _ = tiny_peft_model("bert")
+    cluster, external = randomised_state(model, 1), randomised_state(model, 2)
+    mixer = load_experts(model, _sent(RecordDict({"arrays": to_arrayrecord(cluster), "external": to_arrayrecord(
+        {k: v for k, v in external.items() if "lora_" in k})})), _context())
+    before = {g: float(p.detach()) for g, p in mixer.logits.items()}
+    rows = [{"input_ids": b["input_ids"][i], "labels": b["labels"][i]} for b in (_batch(0), _batch(1)) for i in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=0.05,
+                             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True)
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    assert all(float(mixer.logits[g].detach()) != before[g] for g in before)
+
+
+def test_external_expert_changes_the_forward_and_an_all_zero_one_does_not():
     from peft_fixtures import randomised_state
     model, _ = tiny_peft_model("llama")
     cluster = randomised_state(model, 1)
