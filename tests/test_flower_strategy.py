@@ -281,6 +281,21 @@ def test_failing_and_silent_nodes_keep_their_experts(records):
         [n for n in ids if n != 104]
 
 
+def test_node_silent_in_the_tree_round_is_in_the_tree_by_its_last_upload(records):
+    nodes, initial, truth = _federation(node_options={102: dict(silent_rounds={2})})
+    ids = sorted(nodes)
+    strategy = FedTreeLoRA(warmup_rounds=2)
+    strategy.start(grid=InProcessGrid(nodes), initial_arrays=to_arrayrecord(initial), num_rounds=3)
+    latest = {n: nodes[n].uploads()[1 if n == 102 else 2] for n in ids}
+    assert strategy.tree.labels.tolist() == build_tree({str(n): latest[n] for n in ids}).labels.tolist()
+    expected = _expected_experts(strategy, latest, {n: float(nodes[n].weight) for n in ids}, ids)
+    _, _, phase, sent, external, _ = nodes[102].got("train", 3)     # its tree experts, not its local adapter
+    assert phase == "federated"
+    _close(sent, expected.cluster_states["102"])
+    _close(external, expected.external_states["102"])
+    assert any("node 102 failed to train in round 2" in m for m in records.warnings())
+
+
 def test_nodes_not_sampled_are_represented_by_their_last_upload():
     nodes, initial, _ = _federation()
     ids = sorted(nodes)

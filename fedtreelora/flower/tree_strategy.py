@@ -244,7 +244,8 @@ class FedTreeLoRA(Strategy):
             if self.tree is None:
                 self._build_tree(server_round)
             self._place_late_nodes()
-            self._aggregate(failed)
+            # a failed node keeps its personalised experts; in the round that builds the tree it had only its own
+            self._aggregate(failed if server_round > self.warmup_rounds else set())
         if self.experts_fn is not None:
             self.experts_fn(server_round, {node: self.experts(node) for node in sorted(self._experts)})
         metrics = aggregate_metricrecords(contents, self.weighted_by_key) if contents else None
