@@ -1,8 +1,9 @@
-"""FedTreeLoRA on Flower: wire format and app config (fast), then three federations through Flower:
-the simulation engine against the in-process run, an injected client failure, and a real SuperLink
-with two SuperNodes on 127.0.0.1 driven by `flwr run`. The last three start Ray or Flower processes
-(a minute or more each on 2 cores); the deployment test runs in CI (`make test`), the two Ray ones
-are marked slow (`make test-all`).
+"""Flower: the experiment app's wire format and config (fast), the FlowerTune-style example app on the
+in-process Grid (fast), then federations through Flower: the experiment app on the simulation engine
+against the in-process run and with an injected client failure (Ray, marked slow), and the
+FlowerTune-style app on a real SuperLink with two SuperNodes on 127.0.0.1 driven by `flwr run`
+(runs in CI, `make test`; a minute or more on 2 cores). The FedTreeLoRA strategy and the client
+helpers themselves are tested in test_flower_strategy.py.
 """
 from __future__ import annotations
 
