@@ -1,8 +1,9 @@
-"""FedTreeLoRA on Flower: wire format and app config (fast), then three federations through Flower:
-the simulation engine against the in-process run, an injected client failure, and a real SuperLink
-with two SuperNodes on 127.0.0.1 driven by `flwr run`. The last three start Ray or Flower processes
-(a minute or more each on 2 cores); the deployment test runs in CI (`make test`), the two Ray ones
-are marked slow (`make test-all`).
+"""Flower: the experiment app's wire format and config (fast), the FlowerTune-style example app on the
+in-process Grid (fast), then federations through Flower: the experiment app on the simulation engine
+against the in-process run and with an injected client failure (Ray, marked slow), and the
+FlowerTune-style app on a real SuperLink with two SuperNodes on 127.0.0.1 driven by `flwr run`
+(runs in CI, `make test`; a minute or more on 2 cores). The FedTreeLoRA strategy and the client
+helpers themselves are tested in test_flower_strategy.py.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from tiny_models import pretrain_tiny_bert, save_tiny_bert, tiny_config, tiny_da
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-APP = ROOT / "examples" / "flower_app"
+APP = ROOT / "examples" / "flower_app"                 # FlowerTune-style: FedTreeLoRA strategy + client helpers
+EXPERIMENT_APP = ROOT / "examples" / "flower_experiment"   # this project's experiment (PersonalisedStrategy)
 METHOD = "fedtreelora"
 BIN = Path(sys.executable).parent
 
@@ -91,7 +93,7 @@ def test_messages_carry_each_clients_state_exactly():
 
 def test_example_app_config_is_the_calibrated_experiment():
     import tomllib
-    app_config = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    app_config = tomllib.loads((EXPERIMENT_APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert app_config["method"] == "fedtreelora"
     assert config_from_run_config(app_config) == ExperimentConfig()
 
@@ -185,6 +187,43 @@ def test_dropped_client_is_logged_and_keeps_its_upload(plain_tiny_model, tmp_pat
     for k in range(cfg.num_clients):
         same = all(torch.equal(warm[k].adapter[key], last[k].adapter[key]) for key in warm[k].adapter)
         assert same == (k == 2), f"client {k}"
+
+
+def _flowertune_run_config(model_path, save_path, **changes):
+    """The example app's run config ([tool.flwr.app.config], flattened as Flower does) with the tiny model and data."""
+    import tomllib
+    from flwr.common.config import flatten_dict
+    config = flatten_dict(tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    config.update({"model.name": str(model_path), "data.dataset-fn": "test_flower:tiny_data", "data.max-length": 12,
+                   "data.samples-per-node": 60, "model.lora.r": 2, "model.lora.alpha": 4.0, "train.local-steps": 3,
+                   "train.batch-size": 8, "train.learning-rate": 0.01, "save-path": str(save_path), **changes})
+    return config
+
+
+def test_flowertune_example_app_runs_in_process(tiny_model, tmp_path, monkeypatch):
+    """examples/flower_app's own ServerApp main and ClientApp, over the in-process Grid with 4 nodes in 2 planted
+    groups: it finishes, saves every node's experts and the tree, and personalised accuracy beats chance."""
+    from flwr.supercore.task_identity import TaskIdentity
+    from fedtreelora.flower import InProcessGrid
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    monkeypatch.syspath_prepend(str(APP))
+    from flower_app import client_app, server_app
+    from flwr.app import Context, RecordDict
+    assert "FedTreeLoRA(" in (APP / "flower_app" / "server_app.py").read_text()
+    save = tmp_path / "out"
+    rc = _flowertune_run_config(tiny_model, save, **{"num-server-rounds": 3, "warmup-rounds": 2})
+    grid = InProcessGrid({n: client_app.app for n in range(4)}, run_config=rc,
+                         node_configs={n: {"partition-id": n, "num-partitions": 4} for n in range(4)})
+    server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
+    summary = json.loads((save / "summary.json").read_text())
+    assert summary["failures"] == []
+    assert sorted(summary["evaluate"]) == ["1", "2", "3"]
+    tree = json.loads((save / "tree.json").read_text())
+    assert tree["client_names"] == ["0", "1", "2", "3"]
+    for node in range(4):
+        assert (save / f"node_{node}" / "cluster.safetensors").is_file()
+    assert summary["evaluate"]["3"]["accuracy"] > 1 / 3 + 0.1        # 5 topics, 3 per group: chance is 1/3
 
 
 # -- slow: real federations through Flower ---------------------------------------------------------
@@ -333,11 +372,11 @@ def test_deployment_superlink_and_two_supernodes(tiny_model, tmp_path, child_env
         processes.append(subprocess.Popen([str(BIN / args[0]), *args[1:]],
                                           stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
 
-    run_dir = tmp_path / "run"
-    overrides = (f"model='{tiny_model}' dataset='unused' dataset-fn='test_flower:tiny_data' num-clients=2 num-groups=1 "
-                 f"samples-per-client=40 max-length=12 lora-r=2 lora-alpha=4.0 target-modules='query,value' "
-                 f"local-steps=2 batch-size=8 lr=0.01 warmup-rounds=1 rounds=1 round-timeout=240 "
-                 f"method='{METHOD}' run-dir='{run_dir}'")
+    save = tmp_path / "run"
+    rc = _flowertune_run_config(tiny_model, save, **{"num-server-rounds": 2, "warmup-rounds": 1, "data.num-groups": 1,
+                                                     "data.samples-per-node": 40, "train.local-steps": 2,
+                                                     "round-timeout": 240})
+    overrides = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in rc.items())
     try:
         start("superlink", "flower-superlink", "--insecure", "--port", str(link_port),
               "--disable-runtime-dependency-installation")
@@ -353,12 +392,15 @@ def test_deployment_superlink_and_two_supernodes(tiny_model, tmp_path, child_env
                 break
             time.sleep(2)
         assert run is not None and "Successfully started run" in run.stdout, run.stdout + run.stderr
-        assert (run_dir / "metrics.json").is_file(), "the run did not finish:\n" + run.stdout[-6000:] + run.stderr
-        summary = json.loads((run_dir / "metrics.json").read_text())
-        history = summary["methods"][METHOD]["history"]
-        assert [h["phase"] for h in history] == ["warmup", METHOD]
-        assert summary["failures"] == [] and all(a is not None for a in history[-1]["accuracy"])
-        assert "2 clients connected" in run.stdout
+        assert (save / "summary.json").is_file(), "the run did not finish:\n" + run.stdout[-6000:] + run.stderr
+        summary = json.loads((save / "summary.json").read_text())
+        assert summary["failures"] == [] and sorted(summary["evaluate"]) == ["1", "2"]
+        assert len(summary["evaluate_per_node"]["2"]) == 2            # both SuperNodes evaluated personalised
+        tree = json.loads((save / "tree.json").read_text())
+        assert len(tree["client_names"]) == 2
+        for node in tree["client_names"]:
+            assert (save / f"node_{node}" / "cluster.safetensors").is_file()
+        assert "configure_train: round 2 (federated), 2 node(s)" in run.stdout
     finally:
         _stop(processes)
         for log in logs:

@@ -142,3 +142,62 @@ class ExpertMixer(nn.Module):
         with torch.no_grad():
             for g, v in logits.items():
                 self.logits[g].copy_(v.reshape(()))
+
+
+MIXER_ATTRIBUTE = "expert_mixer"   # no "lora_" in it: PEFT's state dict filter keeps it out of the adapter
+
+
+def attach_mixer(peft_model, adapter_name: str = "default", init_lam: float = 0.8) -> ExpertMixer:
+    """The `ExpertMixer` of a PEFT model, registered on the model so that plain training finds lam.
+
+    The first call builds the mixer and registers it as the submodule `peft_model.expert_mixer`
+    (on the device of the model's LoRA weights); later calls return that same mixer. Registered,
+    its logits are in `peft_model.parameters()`, so a plain `torch.optim.AdamW(model.parameters())`,
+    HF `Trainer` or TRL's `SFTTrainer` train them with no extra code, and `model.to(...)` moves them.
+    `get_peft_model_state_dict` and `save_pretrained` still return exactly PEFT's adapter keys (the
+    mixer's keys hold no "lora_"); `model.state_dict()` does include `expert_mixer.logits.<group>`.
+
+    Parameters
+    ----------
+    peft_model : peft.PeftModel
+        A model with LoRA modules for `adapter_name`.
+    adapter_name : str
+        The PEFT adapter that is the cluster expert.
+    init_lam : float
+        Initial lam in (0, 1) of a new mixer (ignored when the model already has one).
+
+    Returns
+    -------
+    ExpertMixer
+
+    Raises
+    ------
+    ValueError
+        The model already carries a mixer for another adapter, or has no LoRA module.
+
+    Examples
+    --------
+    >>> from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    >>> import transformers as tf
+    >>> base = tf.BertForSequenceClassification(tf.BertConfig(hidden_size=16, num_hidden_layers=2,
+    ...     num_attention_heads=2, intermediate_size=32, vocab_size=64))
+    >>> model = get_peft_model(base, LoraConfig(r=2, target_modules=["query", "value"]))
+    >>> mixer = attach_mixer(model)
+    >>> attach_mixer(model) is mixer, sorted(mixer.logits)
+    (True, ['layer_0', 'layer_1'])
+    >>> any(p is mixer.logits["layer_0"] for p in model.parameters())
+    True
+    >>> any("mixer" in k for k in get_peft_model_state_dict(model))
+    False
+    """
+    existing = peft_model._modules.get(MIXER_ATTRIBUTE)
+    if existing is not None:
+        if not isinstance(existing, ExpertMixer) or existing.adapter_name != adapter_name:
+            raise ValueError(f"the model's {MIXER_ATTRIBUTE!r} submodule is not an ExpertMixer of adapter "
+                             f"{adapter_name!r}")
+        return existing
+    mixer = ExpertMixer(peft_model, adapter_name=adapter_name, init_lam=init_lam)
+    first = next(iter(mixer._modules_by_name.values()))
+    mixer.to(first.lora_A[adapter_name].weight.device)
+    peft_model.add_module(MIXER_ATTRIBUTE, mixer)
+    return mixer

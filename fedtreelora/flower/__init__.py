@@ -1,11 +1,24 @@
-"""FedTreeLoRA on Flower (flwr >= 1.20, Message API): the same federation as `fedtreelora simulate`,
-run by a Flower ServerApp over ClientApps on the simulation engine or across machines.
+"""FedTreeLoRA on Flower (flwr >= 1.20, Message API).
 
-- `strategy.PersonalisedStrategy`: warm-up, then the method's server rule (for FedTreeLoRA: build
-  the tree once, then every round each client gets its *own* cluster and external experts);
-- `client_app.client_app()` / `client_app.app`: the ClientApp, wrapping `client.LocalTrainer`;
-- `server_app.server_app()` / `server_app.app`: the ServerApp, config from the Flower run config;
-- `messages`: the wire format (PEFT state dicts and mixing logits as ArrayRecords).
+For any PEFT Flower app (the FlowerTune LLM template, say):
 
-See docs/flower.md for `flwr run` on the simulation engine and on SuperLink/SuperNodes.
+- `FedTreeLoRA`: a `flwr.serverapp.strategy.Strategy`, the drop-in for `FedAvg` in the ServerApp
+  (warm-up, then the global client tree; each node gets its own cluster and external experts);
+- `load_experts(model, msg, context)` / `make_reply(model, msg, context, num_examples)`: the two
+  client calls around the app's own PEFT training loop;
+- `to_arrayrecord` / `from_arrayrecord`: state dicts <-> ArrayRecords of any floating dtype (bf16);
+- `InProcessGrid`: a Grid whose nodes are ClientApps in this process (tests, small runs).
+
+This project's own experiment on Flower (the federation of `fedtreelora simulate`, all methods):
+
+- `strategy.PersonalisedStrategy`, `client_app.client_app()` / `client_app.app`,
+  `server_app.server_app()` / `server_app.app`, `messages` (their wire format).
+
+See docs/flower.md.
 """
+from .arrays import from_arrayrecord, to_arrayrecord
+from .local_grid import InProcessGrid
+from .peft_client import load_experts, make_reply
+from .tree_strategy import FedTreeLoRA
+
+__all__ = ["FedTreeLoRA", "load_experts", "make_reply", "to_arrayrecord", "from_arrayrecord", "InProcessGrid"]

@@ -1,1 +1,1 @@
-"""FedTreeLoRA Flower App: the ServerApp and ClientApp of `fedtreelora.flower`."""
+"""FedTreeLoRA in a FlowerTune-style PEFT app (MiniLM on BBC News)."""

@@ -1,0 +1,1 @@
+"""FedTreeLoRA Flower App: the ServerApp and ClientApp of `fedtreelora.flower`."""
