@@ -198,13 +198,20 @@ def plot_tree(tree, path, title: str | None = None):
         dendrogram(z, ax=ax, labels=names, color_threshold=deepest if max(counts) > 1 else 0.0,
                    above_threshold_color="0.35", leaf_rotation=90 if n > 12 else 0)
         colours = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d"]
+        top = max(heights + [float(z[:, 2].max())]) * 1.15 + 1e-12
+        right, last_y = True, None
         for i, ((first, last, c), y) in enumerate(zip(_layer_ranges(counts), heights)):
             layers = f"layer {first}" if first == last else f"layers {first}-{last}"
             colour = colours[i % len(colours)]
             ax.axhline(y, color=colour, linestyle="--", linewidth=1.2)
-            ax.annotate(f"{layers}: {c} cluster{'s' if c != 1 else ''}", xy=(1.0, y), xycoords=("axes fraction", "data"),
-                        xytext=(-4, 3), textcoords="offset points", ha="right", va="bottom", color=colour, fontsize=9)
-        ax.set_ylim(0, max(heights + [float(z[:, 2].max())]) * 1.15 + 1e-12)
+            if last_y is not None and abs(y - last_y) < 0.05 * top:   # close cuts: labels on alternate sides
+                right = not right
+            last_y = y
+            ax.annotate(f"{layers}: {c} cluster{'s' if c != 1 else ''}", xy=(1.0 if right else 0.0, y),
+                        xycoords=("axes fraction", "data"), xytext=(-4 if right else 4, 3), textcoords="offset points",
+                        ha="right" if right else "left", va="bottom", color=colour, fontsize=9,
+                        bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=0.5))
+        ax.set_ylim(0, top)
         ax.set_ylabel(f"{tree.config.metric} distance (mean over layers)")
         ax.set_xlabel("client")
         for side in ("top", "right"):
