@@ -650,3 +650,40 @@ def test_run_simulation_with_four_nodes(tmp_path, monkeypatch):
     assert len(got["names"]) == 4 and got["failures"] == []
     assert set(got["evaluate"]) == {1, 2} and "accuracy" in got["evaluate"][2]
     assert sys.modules.get("flwr") is not None
+
+
+def test_robust_and_clip_settings_reach_aggregate():
+    nodes, initial, _ = _federation()
+    ids = sorted(nodes)
+    strategy = FedTreeLoRA(warmup_rounds=1, robust="trimmed_mean", trim_ratio=0.2, clip_norm="median")
+    strategy.start(grid=InProcessGrid(nodes), initial_arrays=to_arrayrecord(initial), num_rounds=2)
+    latest = {str(n): nodes[n].uploads()[2] for n in ids}
+    weights = {str(n): float(nodes[n].weight) for n in ids}
+    expected = aggregate(latest, weights=weights, tree=strategy.tree, robust="trimmed_mean", trim_ratio=0.2,
+                         clip_norm="median")
+    plain = aggregate(latest, weights=weights, tree=strategy.tree)
+    _close(strategy.experts(100)[0], expected.cluster_states["100"])
+    key = next(k for k in plain.cluster_states["100"] if "layer.2" in k and "lora_B" in k)
+    assert not torch.allclose(plain.cluster_states["100"][key], expected.cluster_states["100"][key])
+
+
+def test_malformed_replies_are_errors_that_name_the_node():
+    nodes, initial, _ = _federation(n=4)
+
+    def two_records(msg, context):
+        reply = nodes[101](msg, context)
+        if msg.metadata.message_type == "train":
+            reply.content["extra"] = to_arrayrecord({"x": torch.ones(1)})
+        return reply
+
+    def no_weight(msg, context):
+        return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"loss": 1.0})}),
+                       reply_to=msg)
+
+    for node, app, match in ((101, two_records, "node 101's train reply must carry exactly one ArrayRecord"),
+                             (102, no_weight, "node 102's MetricRecord lacks the weight 'num-examples'")):
+        apps = dict(nodes)
+        apps[node] = app
+        with pytest.raises(ValueError, match=match):
+            FedTreeLoRA(warmup_rounds=1).start(grid=InProcessGrid(apps), initial_arrays=to_arrayrecord(initial),
+                                               num_rounds=1)
