@@ -686,3 +686,24 @@ def test_malformed_replies_are_errors_that_name_the_node():
         with pytest.raises(ValueError, match=match):
             FedTreeLoRA(warmup_rounds=1).start(grid=InProcessGrid(apps), initial_arrays=to_arrayrecord(initial),
                                                num_rounds=1)
+
+
+def test_late_node_is_placed_by_the_librarys_extend_tree(records):
+    if not hasattr(fedtreelora, "extend_tree"):
+        pytest.skip("this fedtreelora has no extend_tree (the fallback is tested above)")
+    nodes, initial, truth = _federation(n=7)
+    late = 106                                                   # planted in the second group at the deep layer
+    strategy = FedTreeLoRA(warmup_rounds=2)
+    strategy.start(grid=LateGrid(nodes, joins={late: 4}), initial_arrays=to_arrayrecord(initial), num_rounds=5)
+    names = strategy.tree.client_names
+    assert names[-1] == str(late) and len(names) == 7
+    column = {n: strategy.tree.labels[:, names.index(str(n))].tolist() for n in nodes}
+    same_group = [n for k, n in enumerate(sorted(nodes)) if n != late and truth[-1, k] == truth[-1, 6]]
+    assert column[late] == column[same_group[0]]                 # the nearest cluster: its planted group
+    weights = {n: float(nodes[n].weight) for n in nodes}
+    after = {n: nodes[n].uploads()[4] for n in nodes}
+    expected = _expected_experts(strategy, after, weights, [int(c) for c in names])
+    _, _, _, sent, external, _ = nodes[late].got("train", 5)
+    _close(sent, expected.cluster_states[str(late)])
+    _close(external, expected.external_states[str(late)])
+    assert not any("global mean (no cluster" in m for m in records.warnings())
