@@ -707,3 +707,12 @@ def test_late_node_is_placed_by_the_librarys_extend_tree(records):
     _close(sent, expected.cluster_states[str(late)])
     _close(external, expected.external_states[str(late)])
     assert not any("global mean (no cluster" in m for m in records.warnings())
+
+
+@pytest.mark.parametrize("name", ["fedtreelora.flower.arrays", "fedtreelora.flower.tree_strategy",
+                                  "fedtreelora.client.mixing"])
+def test_docstring_examples_of_the_flower_api(name):
+    import doctest
+    import importlib
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS, verbose=False)
+    assert result.attempted > 0 and result.failed == 0, f"{result.failed} of {result.attempted} examples of {name} failed"
