@@ -72,7 +72,15 @@ def dtype_record(state_dict: Mapping[str, torch.Tensor]) -> ConfigRecord | None:
 
 
 def read_dtypes(record: ConfigRecord | None) -> dict[str, torch.dtype]:
-    """{key: dtype} from a `dtype_record` (empty for None)."""
+    """{key: dtype} from a `dtype_record` (empty for None).
+
+    Raises
+    ------
+    KeyError
+        The record lacks its "dtypes" entry.
+    ValueError
+        A dtype name that is not a torch floating dtype (the message names the key).
+    """
     if record is None:
         return {}
     if "dtypes" not in record:
@@ -81,7 +89,28 @@ def read_dtypes(record: ConfigRecord | None) -> dict[str, torch.dtype]:
 
 
 def from_arrayrecord(record: ArrayRecord, dtypes: Mapping[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
-    """The state dict of an ArrayRecord, with the keys in `dtypes` cast back to their dtype."""
+    """The state dict of an ArrayRecord, with the keys in `dtypes` cast back to their dtype.
+
+    Parameters
+    ----------
+    record : flwr.app.ArrayRecord
+        From `to_arrayrecord`, or any ArrayRecord of numeric arrays.
+    dtypes : mapping of str to torch.dtype, optional
+        Keys to cast back (`read_dtypes` of the sender's `DTYPE_RECORD`); other keys keep their
+        wire dtype, and keys absent from the record are ignored.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+
+    Examples
+    --------
+    >>> import torch
+    >>> state = {"a": torch.ones(2, dtype=torch.bfloat16), "b": torch.zeros(1, dtype=torch.float16)}
+    >>> back = from_arrayrecord(to_arrayrecord(state), read_dtypes(dtype_record(state)))
+    >>> {k: v.dtype for k, v in back.items()}
+    {'a': torch.bfloat16, 'b': torch.float16}
+    """
     state = dict(record.to_torch_state_dict())
     for key, dtype in (dtypes or {}).items():
         if key in state:

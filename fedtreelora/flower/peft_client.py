@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from numbers import Real
 
-import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from ..client.mixing import MIXER_ATTRIBUTE, ExpertMixer, attach_mixer
