@@ -207,7 +207,11 @@ def test_streaming_reads_one_layer_per_op_call_and_the_auto_rule(monkeypatch):
     monkeypatch.setattr(tree_mod.ops, "layer_distances", spy)
     ftl.build_tree(states, streaming=True)
     w = 2 * 8 * 2  # q and v B factors of a layer: d=8, r=2
-    assert widths == [((12, w), [0, w])] * 8  # two passes of 4 layers, never the [L, N, N] stack
+    assert widths == [((12, w), [0, w])] * 4  # one GEMM pass of 4 layers (pass 2 reads the spill)
+    widths.clear()
+    monkeypatch.setenv("FEDTREELORA_SCRATCH_DIR", "none")
+    ftl.build_tree(states, streaming=True)
+    assert widths == [((12, w), [0, w])] * 8  # no spill: two passes of 4 layers, never the [L, N, N] stack
     widths.clear()
     ftl.build_tree(states)  # tiny: the in-memory path, one call over all layers
     assert widths == [((12, 4 * w), [0, w, 2 * w, 3 * w, 4 * w])]
@@ -219,6 +223,18 @@ def test_streaming_reads_one_layer_per_op_call_and_the_auto_rule(monkeypatch):
     assert len(widths) == 8
     with pytest.raises(TypeError, match="streaming must be"):
         ftl.build_tree(states, streaming="yes")
+
+
+@pytest.mark.parametrize("scratch", ["folder", "none", "missing"])
+def test_streaming_spill_gives_the_same_tree_and_leaves_no_file(scratch, tmp_path, monkeypatch):
+    states, _ = planted_states(n_layers=5, groups=(1, 2, 2, 4, 8), n_clients=40, d=16, r=4, noise=0.3)
+    cfg = ftl.TreeConfig(tau=0.0)
+    folder = {"folder": tmp_path, "none": "none", "missing": tmp_path / "absent"}[scratch]
+    monkeypatch.setenv("FEDTREELORA_SCRATCH_DIR", str(folder))
+    a = ftl.build_tree(states, cfg, streaming=True)
+    b = ftl.build_tree(states, cfg, streaming=False)
+    assert torch.equal(a.linkage, b.linkage) and torch.equal(a.labels, b.labels) and a.scores == b.scores
+    assert list(tmp_path.iterdir()) == []  # the scratch file was unlinked at creation
 
 
 def test_streaming_names_nonfinite_client_and_key():

@@ -25,6 +25,7 @@ import torch
 
 from . import adapters, ops
 from .files import atomic_write_text
+from .spill import LayerSpill
 
 __all__ = ["TreeConfig", "AggregationTree", "build_tree", "choose_cuts", "client_distances", "memory_estimates",
            "IN_MEMORY_LIMIT_BYTES", "HEAD_POLICIES"]
@@ -521,7 +522,8 @@ def memory_estimates(n: int, b_layout: adapters.AdapterLayout) -> dict[str, int]
 
 
 def _build_streaming(states, b_layout, layers, config: TreeConfig, names) -> AggregationTree:
-    """build_tree without the packed copy or the [L, N, N] distances: two passes over the layers."""
+    """build_tree without the packed copy or the [L, N, N] distances: two passes over the layers
+    (the second reads pass 1's distances back from a scratch file where it can: see `LayerSpill`)."""
     n, n_layers = len(states), len(layers)
     keys = layer_keys(b_layout)
     widths = (b_layout.layer_offsets[1:] - b_layout.layer_offsets[:-1]).tolist()
@@ -542,10 +544,24 @@ def _build_streaming(states, b_layout, layers, config: TreeConfig, names) -> Agg
             del d
 
     device = states[0][keys[0][0]].device
-    mean = _mean_over_layers(distances(), n, n_layers, device)        # pass 1: mean -> tree
-    z = ops.linkage(mean, config.linkage)
-    del mean
-    n_clusters, labels, scores = _cut_search(distances(), n_layers, n, z, config.window, config.tau)  # pass 2
+    spill = LayerSpill.open(n, n_layers, device)
+
+    def spilled(layers):
+        for d in layers:
+            spill.write(d[0])
+            yield d
+
+    try:
+        first = distances() if spill is None else spilled(distances())
+        mean = _mean_over_layers(first, n, n_layers, device)        # pass 1: mean -> tree
+        z = ops.linkage(mean, config.linkage)
+        del mean
+        # pass 2: the same distances again, read back from the scratch file or recomputed
+        again = distances() if spill is None else (d.unsqueeze(0) for d in spill.layers())
+        n_clusters, labels, scores = _cut_search(again, n_layers, n, z, config.window, config.tau)
+    finally:
+        if spill is not None:
+            spill.close()
     return AggregationTree(layers=list(layers), linkage=z.cpu(), n_clusters=n_clusters, labels=labels,
                            scores=scores, config=config, client_names=names)
 
@@ -569,9 +585,12 @@ def build_tree(client_states, config: TreeConfig | None = None, *, streaming: bo
         False: pack every client's B factors into one [N, P_B] copy and compute all [L, N, N]
         distances in one op call (one GEMM pass; memory ~ N * P_B + 4 L N^2 bytes). True: never
         hold more than one layer: pass 1 computes each layer's distances from its columns (read
-        from the state dicts) and accumulates their mean, which gives the tree; pass 2 computes
-        them again for the cut search (two GEMM passes; memory ~ 24 N^2 bytes + one layer's
-        columns, e.g. ~2.5 GB at N = 10,000). None (default): in memory when its estimate
+        from the state dicts) and accumulates their mean, which gives the tree; pass 2 reads
+        them back for the cut search from an unlinked scratch file in the temporary folder
+        (4 L N^2 bytes on disk, 9.6 GB at N = 10,000; `FEDTREELORA_SCRATCH_DIR` names another
+        folder), or computes them again on CUDA, with `FEDTREELORA_SCRATCH_DIR=none`, or where
+        the disk lacks the room (a second GEMM pass). Memory ~ 24 N^2 bytes + one layer's
+        columns, e.g. ~2.5 GB at N = 10,000. None (default): in memory when its estimate
         (`memory_estimates`) is at most `IN_MEMORY_LIMIT_BYTES` (2 GiB; e.g. N <= ~2,000 at
         L = 24, P_B = 196,608 in bf16), else streaming. Both give the same tree to the bit (same
         distances per layer, same float64 accumulation of their mean, same linkage and cuts).
