@@ -35,10 +35,34 @@ def section() -> str:
     parts += (["`python benchmarks/bench_ops.py --device cuda` on " + cuda["device"] + ":", "", cuda["table"], ""] if cuda else
               ["GPU figures (tree_reduce against the copy bandwidth): not measured yet; `benchmarks/gpu_check.sh` "
                "produces them on a GPU machine.", ""])
+    scale = _load("scale.json")
+    if scale and not scale.get("quick"):
+        parts += scale_table(scale)
     fed = RESULTS / "federated.md"
     if fed.is_file():
         parts += ["`python benchmarks/bench_federated.py`:", "", fed.read_text().strip(), ""]
     return "\n".join(parts)
+
+
+def scale_table(scale: dict) -> list[str]:
+    """bench_scale.py's rows: time and peak memory of build_tree, extend_tree and aggregate per N."""
+    sh = scale["shape"]
+    yes = {True: "yes", False: "NO", None: "-"}
+    lines = [f"`python benchmarks/bench_scale.py` (L={sh['layers']}, q and v, d={sh['d']}, r={sh['r']}, "
+             f"{scale['dtype']}, {scale['threads']} threads, {scale['cpu_count']} cores):", "",
+             "| N | inputs (GB) | build_tree (s) | GEMM floor (s) | build / GEMMs (<= 1.3) | build peak over inputs "
+             "(GB, <= 3) | same tree in memory | extend_tree 100 new (s, < 10) | aggregate (s) | aggregate peak "
+             "over inputs (GB) | load before -> after |",
+             "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+    for r in scale["rows"]:
+        m = r["met"]
+        lines.append(f"| {r['n']:,} | {r['inputs_gb']:.2f} | {r['build_s']:.1f} | {r['gemm_s']:.1f} | "
+                     f"{r['build_over_gemm']:.2f} ({yes[m['build_le_1.3x_gemm']]}) | "
+                     f"{r['build_peak_over_inputs_gb']:.2f} ({yes[m['build_peak_le_inputs_plus_3gb']]}) | "
+                     f"{yes[r['same_as_in_memory']]} | {r['extend_s']:.2f} ({yes[m['extend_lt_10s']]}) | "
+                     f"{r['aggregate_s']:.1f} | {r['aggregate_peak_over_inputs_gb']:.2f} | "
+                     f"{r['load_before']} -> {r['load_after']} |")
+    return lines + ["", f"- {scale['notes']}", "", "![time against N](benchmarks/results/scale.png)", ""]
 
 
 def main() -> int:
