@@ -437,6 +437,57 @@ def _stop(processes):
             os.killpg(proc.pid, 9)
 
 
+def _toml_overrides(path, run_config):
+    """A --run-config TOML file of flat (dotted) keys."""
+    def value(v):
+        return json.dumps(v) if isinstance(v, str) else ("true" if v is True else "false" if v is False else repr(v))
+    path.write_text("".join(f"{k} = {value(v)}\n" for k, v in run_config.items()))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_flwr_run_causal_lm_app_on_the_simulation_engine(tiny_llama, tmp_path, child_env):
+    """`flwr run examples/flower_app` with the causal-LM preset (a --run-config TOML file) on a SuperLink in
+    simulation mode (Ray, 4 simulated SuperNodes); this test starts and stops that SuperLink itself."""
+    link_port, control_port = _free_ports(2)
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\n'
+                                      f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    save = tmp_path / "run"
+    overrides = _toml_overrides(tmp_path / "overrides.toml", _causal_run_config(
+        tiny_llama, save, **{"num-server-rounds": 2, "warmup-rounds": 1, "round-timeout": 300}))
+    log = open(tmp_path / "superlink.log", "w")
+    link = subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+                             "--host", "127.0.0.1", "--port", str(link_port), "--control-api-address",
+                             f"127.0.0.1:{control_port}", "--database", str(tmp_path / "state.db"),
+                             "--disable-runtime-dependency-installation"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline, run = time.monotonic() + 120, None
+        while time.monotonic() < deadline:        # the SuperLink may still be starting: retry the submission
+            run = subprocess.run([str(BIN / "flwr"), "run", str(APP), "sim", "--stream", "--run-config", str(overrides),
+                                  "--federation-config", "num-supernodes=4 client-resources-num-cpus=1 "
+                                  "init-args-num-cpus=2"], capture_output=True, text=True, env=env, timeout=480)
+            if "Successfully started run" in run.stdout:
+                break
+            time.sleep(2)
+        assert run is not None and "Successfully started run" in run.stdout, run.stdout + run.stderr
+        assert (save / "summary.json").is_file(), "the run did not finish:\n" + run.stdout[-6000:] + run.stderr
+    finally:
+        _stop([link])
+        log.close()
+    summary = json.loads((save / "summary.json").read_text())
+    assert summary["failures"] == [] and sorted(summary["evaluate"]) == ["1", "2"]
+    assert all("rouge1" in m for m in summary["evaluate"].values())
+    assert len(summary["evaluate_per_node"]["2"]) == 4
+    assert len(json.loads((save / "tree.json").read_text())["client_names"]) == 4
+    assert "configure_train: round 2 (federated), 4 node(s)" in run.stdout
+    assert link.poll() is not None
+
+
 @pytest.mark.timeout(600)
 def test_deployment_superlink_and_two_supernodes(tiny_model, tmp_path, child_env):
     link_port, *node_ports = _free_ports(3)
