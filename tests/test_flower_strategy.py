@@ -476,6 +476,29 @@ def test_hf_trainer_trains_lam_with_no_extra_code(tmp_path, one_thread):
     assert all(float(mixer.logits[g].detach()) != before[g] for g in before)
 
 
+def test_trl_sft_trainer_trains_lam_with_no_extra_code(tmp_path, one_thread):
+    """TRL's SFTTrainer on a PEFT causal LM after load_experts: lam (registered on the model) trains too."""
+    pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from peft_fixtures import randomised_state
+    from tiny_causal import tiny_tokenizer
+    from trl import SFTConfig, SFTTrainer
+    model, _ = tiny_peft_model("llama")
+    cluster, external = randomised_state(model, 1), randomised_state(model, 2)
+    mixer = load_experts(model, _sent(RecordDict({"arrays": to_arrayrecord(cluster), "external": to_arrayrecord(external)})),
+                         _context())
+    assert mixer.active_groups
+    before = {g: float(p.detach()) for g, p in mixer.logits.items()}
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    g = torch.Generator().manual_seed(0)
+    rows = datasets.Dataset.from_dict({"input_ids": torch.randint(4, 64, (8, 6), generator=g).tolist()})
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=0.05,
+                     report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, dataset_num_proc=None)
+    SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tiny_tokenizer()).train()
+    assert all(float(mixer.logits[g].detach()) != before[g] for g in before)
+    assert any(not torch.equal(p.detach(), lora_before[n]) for n, p in model.named_parameters() if n in lora_before)
+
+
 def test_external_expert_changes_the_forward_and_an_all_zero_one_does_not():
     from peft_fixtures import randomised_state
     model, _ = tiny_peft_model("llama")
