@@ -44,6 +44,18 @@ def tiny_data(config):
     return tiny_dataset()
 
 
+def tiny_prompt_data(config):
+    """dataset-fn of the causal-LM app tests ("test_flower:tiny_prompt_data"): 2 groups, each its own fixed answer."""
+    from tiny_causal import tiny_prompts
+    return tiny_prompts(160, constant=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from tiny_causal import save_tiny_causal_lm
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_llama"), "llama")
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """The tiny BERT with a 'pre-trained' encoder, so that accuracies move from round to round."""
@@ -226,6 +238,75 @@ def test_flowertune_example_app_runs_in_process(tiny_model, tmp_path, monkeypatc
     assert summary["evaluate"]["3"]["accuracy"] > 1 / 3 + 0.1        # 5 topics, 3 per group: chance is 1/3
 
 
+def _causal_run_config(model_path, save_path, **changes):
+    """The app's causal-LM preset (causal_lm.toml over pyproject.toml) with the tiny LLaMA and prompts."""
+    import tomllib
+    from flwr.common.config import flatten_dict
+    preset = flatten_dict(tomllib.loads((APP / "causal_lm.toml").read_text()))
+    return _flowertune_run_config(model_path, save_path, **{
+        **preset, "model.name": str(model_path), "data.dataset-fn": "test_flower:tiny_prompt_data", "data.max-length": 24,
+        "data.samples-per-node": 30, "model.lora.r": 2, "model.lora.alpha": 4.0, "train.local-steps": 3,
+        "train.batch-size": 8, "train.learning-rate": 0.03, "eval.max-examples": 6, "eval.max-new-tokens": 4,
+        "save-path": str(save_path), **changes})
+
+
+def test_causal_lm_preset_is_the_calibrated_nlg_run():
+    """causal_lm.toml overrides only keys of [tool.flwr.app.config] (flwr refuses others) and picks the LLM presets."""
+    import tomllib
+    from flwr.common.config import flatten_dict
+    base = flatten_dict(tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    preset = flatten_dict(tomllib.loads((APP / "causal_lm.toml").read_text()))
+    assert set(preset) <= set(base), sorted(set(preset) - set(base))
+    assert (preset["task"], preset["model.name"], preset["data.name"]) == ("causal_lm", "smollm2", "aclsum")
+    assert base["task"] == "classification"
+
+
+def test_flowertune_example_app_trains_a_causal_lm_in_process(tiny_llama, tmp_path, monkeypatch):
+    """examples/flower_app with task causal_lm: its ClientApp's train function (a plain PEFT loop on the
+    response tokens between load_experts and make_reply) and evaluate (ROUGE-1 of greedy generations),
+    driven by its own ServerApp over the in-process Grid, 4 nodes in 2 groups of instructions."""
+    from flwr.supercore.task_identity import TaskIdentity
+    from fedtreelora.flower import InProcessGrid, from_arrayrecord
+    from fedtreelora.flower.peft_client import MIXING_STATE
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    monkeypatch.syspath_prepend(str(APP))
+    from flower_app import client_app, server_app
+    from flwr.app import Context, RecordDict
+    save = tmp_path / "out"
+    rc = _causal_run_config(tiny_llama, save, **{"num-server-rounds": 3, "warmup-rounds": 1})
+    exchanged = []
+
+    def traced(msg, context):                         # the app itself, recording what travels
+        reply = client_app.app(msg, context)
+        exchanged.append((msg, reply))
+        return reply
+
+    grid = InProcessGrid({n: traced for n in range(4)}, run_config=rc,
+                         node_configs={n: {"partition-id": n, "num-partitions": 4} for n in range(4)})
+    server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
+    summary = json.loads((save / "summary.json").read_text())
+    assert summary["failures"] == []
+    assert sorted(summary["evaluate"]) == ["1", "2", "3"]
+    assert all(0.0 <= m["rouge1"] <= 1.0 and m["loss"] > 0 for m in summary["evaluate"].values())
+    assert all(len(per) == 4 for per in summary["evaluate_per_node"].values())
+    assert json.loads((save / "tree.json").read_text())["client_names"] == ["0", "1", "2", "3"]
+    trains = [(m, r) for m, r in exchanged if m.metadata.message_type == "train"]
+    assert len(trains) == 12 and all(not r.has_error() for _, r in trains)
+    for msg, reply in trains:
+        sent, got = from_arrayrecord(msg.content["arrays"]), from_arrayrecord(reply.content["arrays"])
+        assert set(got) == set(sent) and all("lora_" in k and ("q_proj" in k or "v_proj" in k) for k in got)
+        assert any(not torch.equal(sent[k], got[k]) for k in got)          # it trained
+        assert reply.content["metrics"]["num-examples"] == 20 and reply.content["metrics"]["train-loss"] > 0
+    federated = [m for m, _ in trains if m.content["config"]["phase"] == "federated"]
+    assert len(federated) == 8
+    assert all(MIXING_STATE in grid.contexts[n].state.array_records for n in range(4))   # lam stays on the node
+    for node in range(4):
+        assert (save / f"node_{node}" / "cluster.safetensors").is_file()
+    # the loss on the response tokens falls: each group's fixed answer is learnt
+    assert summary["evaluate"]["3"]["loss"] < summary["evaluate"]["1"]["loss"]
+
+
 # -- slow: real federations through Flower ---------------------------------------------------------
 def _simulate(config, run_dir, mods=None, num_supernodes=4):
     from flwr.simulation import run_simulation
@@ -354,6 +435,57 @@ def _stop(processes):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
+
+
+def _toml_overrides(path, run_config):
+    """A --run-config TOML file of flat (dotted) keys."""
+    def value(v):
+        return json.dumps(v) if isinstance(v, str) else ("true" if v is True else "false" if v is False else repr(v))
+    path.write_text("".join(f"{k} = {value(v)}\n" for k, v in run_config.items()))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_flwr_run_causal_lm_app_on_the_simulation_engine(tiny_llama, tmp_path, child_env):
+    """`flwr run examples/flower_app` with the causal-LM preset (a --run-config TOML file) on a SuperLink in
+    simulation mode (Ray, 4 simulated SuperNodes); this test starts and stops that SuperLink itself."""
+    link_port, control_port = _free_ports(2)
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\n'
+                                      f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    save = tmp_path / "run"
+    overrides = _toml_overrides(tmp_path / "overrides.toml", _causal_run_config(
+        tiny_llama, save, **{"num-server-rounds": 2, "warmup-rounds": 1, "round-timeout": 300}))
+    log = open(tmp_path / "superlink.log", "w")
+    link = subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+                             "--host", "127.0.0.1", "--port", str(link_port), "--control-api-address",
+                             f"127.0.0.1:{control_port}", "--database", str(tmp_path / "state.db"),
+                             "--disable-runtime-dependency-installation"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline, run = time.monotonic() + 120, None
+        while time.monotonic() < deadline:        # the SuperLink may still be starting: retry the submission
+            run = subprocess.run([str(BIN / "flwr"), "run", str(APP), "sim", "--stream", "--run-config", str(overrides),
+                                  "--federation-config", "num-supernodes=4 client-resources-num-cpus=1 "
+                                  "init-args-num-cpus=2"], capture_output=True, text=True, env=env, timeout=480)
+            if "Successfully started run" in run.stdout:
+                break
+            time.sleep(2)
+        assert run is not None and "Successfully started run" in run.stdout, run.stdout + run.stderr
+        assert (save / "summary.json").is_file(), "the run did not finish:\n" + run.stdout[-6000:] + run.stderr
+    finally:
+        _stop([link])
+        log.close()
+    summary = json.loads((save / "summary.json").read_text())
+    assert summary["failures"] == [] and sorted(summary["evaluate"]) == ["1", "2"]
+    assert all("rouge1" in m for m in summary["evaluate"].values())
+    assert len(summary["evaluate_per_node"]["2"]) == 4
+    assert len(json.loads((save / "tree.json").read_text())["client_names"]) == 4
+    assert "configure_train: round 2 (federated), 4 node(s)" in run.stdout
+    assert link.poll() is not None
 
 
 @pytest.mark.timeout(600)

@@ -8,6 +8,7 @@ ones), so every upload, tree and expert can be recomputed here exactly.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 
@@ -475,6 +476,29 @@ def test_hf_trainer_trains_lam_with_no_extra_code(tmp_path, one_thread):
     assert all(float(mixer.logits[g].detach()) != before[g] for g in before)
 
 
+def test_trl_sft_trainer_trains_lam_with_no_extra_code(tmp_path, one_thread):
+    """TRL's SFTTrainer on a PEFT causal LM after load_experts: lam (registered on the model) trains too."""
+    pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from peft_fixtures import randomised_state
+    from tiny_causal import tiny_tokenizer
+    from trl import SFTConfig, SFTTrainer
+    model, _ = tiny_peft_model("llama")
+    cluster, external = randomised_state(model, 1), randomised_state(model, 2)
+    mixer = load_experts(model, _sent(RecordDict({"arrays": to_arrayrecord(cluster), "external": to_arrayrecord(external)})),
+                         _context())
+    assert mixer.active_groups
+    before = {g: float(p.detach()) for g, p in mixer.logits.items()}
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    g = torch.Generator().manual_seed(0)
+    rows = datasets.Dataset.from_dict({"input_ids": torch.randint(4, 64, (8, 6), generator=g).tolist()})
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=0.05,
+                     report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, dataset_num_proc=None)
+    SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tiny_tokenizer()).train()
+    assert all(float(mixer.logits[g].detach()) != before[g] for g in before)
+    assert any(not torch.equal(p.detach(), lora_before[n]) for n, p in model.named_parameters() if n in lora_before)
+
+
 def test_external_expert_changes_the_forward_and_an_all_zero_one_does_not():
     from peft_fixtures import randomised_state
     model, _ = tiny_peft_model("llama")
@@ -716,3 +740,126 @@ def test_docstring_examples_of_the_flower_api(name):
     import importlib
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS, verbose=False)
     assert result.attempted > 0 and result.failed == 0, f"{result.failed} of {result.attempted} examples of {name} failed"
+
+
+# -- resume: a restarted ServerApp continues with the stored tree ------------------------------------
+class CrashGrid(InProcessGrid):
+    """The ServerApp process dies (an exception out of the grid) at its `crash_at`-th send_and_receive."""
+
+    def __init__(self, apps, crash_at):
+        super().__init__(apps)
+        self.calls, self.crash_at = 0, crash_at
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise KeyboardInterrupt("the ServerApp was killed")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def _run(nodes, initial, num_rounds, grid=None, **options):
+    calls = []
+    snapshots = {}
+
+    def evaluate_fn(rnd, arrays):
+        calls.append(rnd)
+        return MetricRecord({"norm": float(sum(v.double().norm() for v in from_arrayrecord(arrays).values()))})
+
+    strategy = FedTreeLoRA(warmup_rounds=2, experts_fn=lambda rnd, ex: snapshots.__setitem__(rnd, ex), **options)
+    result = strategy.start(grid=grid or InProcessGrid(nodes), initial_arrays=to_arrayrecord(initial),
+                            num_rounds=num_rounds, evaluate_fn=evaluate_fn)
+    return strategy, result, calls, snapshots
+
+
+def _identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("stop, dtype", [("after-round-3", torch.float32), ("killed-in-round-4", torch.bfloat16)])
+def test_resume_reloads_the_tree_and_matches_an_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch, stop, dtype):
+    failing = {101: dict(fail_rounds={3, 4})}
+    nodes, initial, _ = _federation(dtype=dtype, node_options=failing)
+    full, full_result, _, full_snapshots = _run(nodes, initial, 5, run_dir=tmp_path / "full")
+
+    first_nodes, _, _ = _federation(dtype=dtype, node_options=failing)
+    if stop == "after-round-3":
+        _run(first_nodes, initial, 3, run_dir=tmp_path / "cut")
+    else:   # killed after round 4's training was aggregated, before its evaluation: round 4 is not committed
+        with pytest.raises(KeyboardInterrupt):
+            _run(first_nodes, initial, 5, grid=CrashGrid(first_nodes, crash_at=8), run_dir=tmp_path / "cut")
+        assert 4 in first_nodes[100].uploads()
+    state = json.loads((tmp_path / "cut" / "checkpoints" / "strategy" / "state.json").read_text())
+    assert state["round"] == 3 and state["tree"] is not None
+
+    import fedtreelora.flower.tree_strategy as tree_strategy
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("a resumed run must not build the tree again")
+    monkeypatch.setattr(tree_strategy, "build_tree", no_rebuild)
+    new_nodes, _, _ = _federation(dtype=dtype, node_options=failing)       # what the restarted ServerApp reaches
+    resumed, result, calls, snapshots = _run(new_nodes, initial, 5, run_dir=tmp_path / "cut", resume=True)
+
+    assert resumed.resumed_round == 3 and calls == [4, 5]                 # evaluate_fn only for the new rounds
+    assert resumed.tree.to_dict() == full.tree.to_dict()
+    for n in nodes:
+        assert all(r[1] >= 4 for r in new_nodes[n].received)               # nobody is asked for rounds 1-3 again
+        for kind in ("train", "evaluate"):
+            for rnd in (4, 5):
+                if kind == "train" or rnd in full.evaluate_metrics:
+                    got, want = new_nodes[n].got(kind, rnd), nodes[n].got(kind, rnd)
+                    _identical(got[3], want[3])
+                    assert (got[4] is None) == (want[4] is None)
+                    if want[4] is not None:
+                        _identical(got[4], want[4])
+        for got, want in zip(resumed.experts(n), full.experts(n)):
+            _identical(got, want)
+        for rnd in (4, 5):
+            for got, want in zip(snapshots[rnd][n], full_snapshots[rnd][n]):
+                _identical(got, want)
+    assert sorted(snapshots) == [4, 5]
+    _identical(from_arrayrecord(result.arrays), from_arrayrecord(full_result.arrays))
+    for table in ("train_metrics_clientapp", "evaluate_metrics_clientapp", "evaluate_metrics_serverapp"):
+        want = {r: dict(m) for r, m in getattr(full_result, table).items()}
+        assert {r: dict(m) for r, m in getattr(result, table).items()} == want, table
+    assert resumed.failures == full.failures and [(f["round"], f["node"]) for f in full.failures] == [(3, 101), (4, 101)]
+    assert resumed.train_metrics == full.train_metrics and resumed.evaluate_metrics == full.evaluate_metrics
+
+
+def test_resume_refuses_an_occupied_run_dir_other_settings_and_other_arrays(tmp_path):
+    from fedtreelora.federation.checkpoints import CheckpointError, RunFolderError
+    nodes, initial, _ = _federation(n=4)
+    FedTreeLoRA(warmup_rounds=1, run_dir=tmp_path).start(grid=InProcessGrid(nodes), initial_arrays=to_arrayrecord(initial),
+                                                         num_rounds=2)
+    fresh, _, _ = _federation(n=4)
+
+    def start(arrays=initial, **options):
+        FedTreeLoRA(**{"warmup_rounds": 1, "run_dir": tmp_path, **options}).start(
+            grid=InProcessGrid(fresh), initial_arrays=to_arrayrecord(arrays), num_rounds=3)
+
+    with pytest.raises(RunFolderError, match="already holds a FedTreeLoRA run .round 2 committed.: pass resume=True"):
+        start()
+    with pytest.raises(RunFolderError, match="warmup_rounds: committed 1, now 2"):
+        start(warmup_rounds=2, resume=True)
+    with pytest.raises(RunFolderError, match="tree_config: committed .*'tau': 0.1.*now .*'tau': 0.3"):
+        start(tree_config=TreeConfig(tau=0.3), resume=True)
+    with pytest.raises(RunFolderError, match="robust"):
+        start(robust="trimmed_mean", resume=True)
+    key = sorted(initial)[0]
+    with pytest.raises(RunFolderError, match=f"initial_arrays lacks key '{key}'"):
+        start({k: v for k, v in initial.items() if k != key}, resume=True)
+    with pytest.raises(RunFolderError, match=f"initial_arrays key '{key}' is torch.float32 .2, 4."):
+        start({**initial, key: torch.zeros(2, 4)}, resume=True)
+    with pytest.raises(ValueError, match="resume=True needs run_dir"):
+        FedTreeLoRA(resume=True)
+    assert all(node.received == [] for node in fresh.values())           # refused before any node is contacted
+    # sampling settings may change on resume (they decide neither the tree nor the experts)
+    strategy = FedTreeLoRA(warmup_rounds=1, run_dir=tmp_path, resume=True, fraction_evaluate=0.5)
+    strategy.start(grid=InProcessGrid(fresh), initial_arrays=to_arrayrecord(initial), num_rounds=3)
+    assert strategy.resumed_round == 2 and [r[1] for r in fresh[100].received if r[0] == "train"] == [3]
+    data = next((tmp_path / "checkpoints" / "strategy").glob("round_*.safetensors"))
+    assert data.name == "round_003.safetensors"
+    data.write_bytes(data.read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        start(resume=True)

@@ -5,6 +5,10 @@ After every round, `<folder>/round_XXX.safetensors` (all uploads and mixing logi
 (round, history, wall time, the file's SHA-256) replaces the old one atomically: state.json is the
 commit point, older round files are removed after it. A torn or corrupt checkpoint is a clear
 CheckpointError, never a silently different run.
+
+`commit_tensors` / `load_tensors` are that commit for any named tensors; `save_checkpoint` /
+`load_checkpoint` lay the schedule's client states out in it, and `fedtreelora.flower.FedTreeLoRA`
+(run_dir=...) its strategy state.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 from ..client.trainer import ClientState
 from ..core.files import atomic_write_text
 
-__all__ = ["save_checkpoint", "load_checkpoint", "write_json", "CheckpointError", "RunFolderError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "commit_tensors", "load_tensors", "write_json", "CheckpointError", "RunFolderError"]
 
 
 def write_json(path: Path, value) -> None:
@@ -31,30 +35,50 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(folder: Path, round_: int, states: list[ClientState | None], info: dict) -> None:
-    """Commit round `round_`: every client's state (None: a client with none yet, e.g. one that joins
-    later) and the JSON-able `info`."""
+def commit_tensors(folder: Path, round_: int, tensors: dict, info: dict) -> None:
+    """Commit round `round_` of a run: `tensors` (str -> torch.Tensor) and the JSON-able `info`.
+
+    `<folder>/round_XXX.safetensors` is written and fsynced, then `state.json` ({**info, "round",
+    "file", "sha256"}) replaces the old one atomically: state.json is the commit point, older round
+    files are removed after it. Tensors that share storage (views of one aggregation result) are
+    written as copies. `load_tensors` reads a commit back.
+    """
     from safetensors.torch import save_file
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for k, state in enumerate(states):
-        if state is None:
-            continue
-        tensors.update({f"{k}/adapter/{key}": v.contiguous() for key, v in state.adapter.items()})
-        tensors.update({f"{k}/mixing/{g}": v.reshape(1) for g, v in state.logits.items()})
+    seen: set[int] = set()
+    out = {}
+    for key, v in tensors.items():
+        v = v.detach().contiguous()
+        ptr = v.untyped_storage().data_ptr() if v.numel() else None
+        if ptr is not None and ptr in seen or v.untyped_storage().nbytes() != v.numel() * v.element_size():
+            v = v.clone()              # safetensors refuses tensors that share (or only view) a storage
+        if ptr is not None:
+            seen.add(ptr)
+        out[key] = v
     name = f"round_{round_:03d}.safetensors"
     tmp = folder / (name + ".tmp")
-    save_file(tensors, str(tmp))
+    save_file(out, str(tmp))
     with open(tmp, "rb+") as f:   # on disk before state.json points at it
         os.fsync(f.fileno())
     digest = _sha256(tmp)
     os.replace(tmp, folder / name)
-    write_json(folder / "state.json", {**info, "round": round_, "file": name, "sha256": digest,
-                                        "num_clients": len(states),
-                                        "absent": [k for k, state in enumerate(states) if state is None]})
+    write_json(folder / "state.json", {**info, "round": round_, "file": name, "sha256": digest})
     for old in folder.glob("round_*.safetensors"):
         if old.name != name:
             old.unlink()
+
+
+def save_checkpoint(folder: Path, round_: int, states: list[ClientState | None], info: dict) -> None:
+    """Commit round `round_`: every client's state (None: a client with none yet, e.g. one that joins
+    later) and the JSON-able `info`."""
+    tensors = {}
+    for k, state in enumerate(states):
+        if state is None:
+            continue
+        tensors.update({f"{k}/adapter/{key}": v for key, v in state.adapter.items()})
+        tensors.update({f"{k}/mixing/{g}": v.reshape(1) for g, v in state.logits.items()})
+    commit_tensors(folder, round_, tensors, {**info, "num_clients": len(states),
+                                             "absent": [k for k, state in enumerate(states) if state is None]})
 
 
 class RunFolderError(ValueError):
@@ -65,8 +89,8 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated or corrupt."""
 
 
-def load_checkpoint(folder: Path) -> tuple[dict, list[ClientState | None]] | None:
-    """The last committed round of `folder` (None if nothing was committed yet).
+def load_tensors(folder: Path) -> tuple[dict, dict] | None:
+    """The last commit of `commit_tensors` in `folder`: (info, tensors); None if nothing was committed yet.
 
     Raises CheckpointError, naming the file, when state.json or the round file it points at is
     unreadable, truncated or does not match the SHA-256 recorded when it was written.
@@ -77,7 +101,8 @@ def load_checkpoint(folder: Path) -> tuple[dict, list[ClientState | None]] | Non
         return None
     try:
         info = json.loads(path.read_text())
-        name, num_clients = info["file"], int(info["num_clients"])
+        name = info["file"]
+        int(info["round"])
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({exc}); delete the folder to start over") from exc
     data = folder / name
@@ -89,6 +114,20 @@ def load_checkpoint(folder: Path) -> tuple[dict, list[ClientState | None]] | Non
         tensors = load_file(str(data))
     except Exception as exc:  # safetensors reports a bad header or a short file in its own error type
         raise CheckpointError(f"checkpoint {data} cannot be read: {exc}") from exc
+    return info, tensors
+
+
+def load_checkpoint(folder: Path) -> tuple[dict, list[ClientState | None]] | None:
+    """The last committed round of `folder` (None if nothing was committed yet); errors as `load_tensors`."""
+    loaded = load_tensors(folder)
+    if loaded is None:
+        return None
+    info, tensors = loaded
+    try:
+        num_clients = int(info["num_clients"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {folder / 'state.json'} is corrupt or truncated ({exc}); delete the "
+                              "folder to start over") from exc
     absent = set(info.get("absent", []))
     states = [None if k in absent else ClientState({}, {}) for k in range(num_clients)]
     for key, v in tensors.items():

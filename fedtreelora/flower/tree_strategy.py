@@ -23,24 +23,31 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
 
 import fedtreelora
 
 from ..core import AggregationTree, TreeConfig, aggregate, build_tree
 from ..core.aggregation import ROBUST_METHODS
+from ..federation.checkpoints import CheckpointError, RunFolderError, commit_tensors, load_tensors
 from .arrays import DTYPE_RECORD, from_arrayrecord, read_dtypes, to_arrayrecord
 
-__all__ = ["FedTreeLoRA", "WARMUP", "FEDERATED"]
+__all__ = ["FedTreeLoRA", "WARMUP", "FEDERATED", "CHECKPOINT_FOLDER", "RunFolderError", "CheckpointError"]
 
 logger = logging.getLogger("flwr").getChild("fedtreelora")
 
 WARMUP, FEDERATED = "warmup", "federated"
+CHECKPOINT_FOLDER = Path("checkpoints") / "strategy"   # under run_dir: state.json + round_XXX.safetensors
+CHECKPOINT_FORMAT = "fedtreelora.flower.FedTreeLoRA/1"
+# the settings a resumed run must share with the run it continues (the server rule); sampling and keys may change
+RULE_SETTINGS = ("tree_config", "warmup_rounds", "clip_norm", "robust", "trim_ratio", "weighted_by_key")
 StateDict = dict[str, torch.Tensor]
 ExpertsFn = Callable[[int, dict[int, tuple[StateDict, "StateDict | None"]]], None]
 
@@ -79,6 +86,20 @@ class FedTreeLoRA(Strategy):
         experts = {node id: (cluster state dict, external state dict or None)} for every node
         known so far, in each node's own dtypes: the hook to save every node's adapter
         (FlowerTune's `evaluate_fn` sees only the global mean).
+    run_dir : str or pathlib.Path, optional
+        Folder of the run's checkpoint: at the end of every round (after evaluation, and after
+        `start`'s `evaluate_fn`) the strategy commits its whole state to
+        `run_dir/checkpoints/strategy/` (`fedtreelora.federation.checkpoints.commit_tensors`:
+        SHA-256-checked safetensors, state.json replaced atomically). None: no checkpoints.
+    resume : bool
+        Continue the run committed in `run_dir` (a ServerApp restarted after a crash, or a run
+        given more rounds): the stored tree, every node's experts, last upload, weight and dtypes,
+        the metrics and the round counter are reloaded, not decided again. `start` then replays
+        the committed rounds without contacting any node (their `Result` entries come from the
+        checkpoint, `evaluate_fn` is not called for them) and trains from the next round on. The
+        run's server-rule settings (`tree_config`, `warmup_rounds`, `clip_norm`, `robust`,
+        `trim_ratio`, `weighted_by_key`) and the keys and shapes of `initial_arrays` must be the
+        committed run's. With nothing committed yet, the run starts fresh.
 
     Attributes
     ----------
@@ -88,11 +109,19 @@ class FedTreeLoRA(Strategy):
         {"round", "node", "kind", "reason"} of every failed or missing reply.
     train_metrics, evaluate_metrics : dict
         Per round, {node id: metrics dict} of the replies that arrived (personalised evaluation).
+    resumed_round : int
+        The last round reloaded from `run_dir` (0: the run started fresh).
 
     Raises
     ------
     ValueError
         An argument outside its range (the message names it).
+    fedtreelora.federation.checkpoints.RunFolderError
+        From `start` (or round 1's `configure_train`): `run_dir` holds a run but `resume` is
+        False, or it holds a run with other server-rule settings or other initial arrays (the
+        message names the settings or the key).
+    fedtreelora.federation.checkpoints.CheckpointError
+        The committed checkpoint is truncated or corrupt (names the file).
 
     Examples
     --------
@@ -107,6 +136,12 @@ class FedTreeLoRA(Strategy):
         result = strategy.start(grid=grid, initial_arrays=to_arrayrecord(get_peft_model_state_dict(model)),
                                 num_rounds=10, train_config=ConfigRecord({"lr": 1e-4}))
         cluster, external = strategy.experts(node_id)
+
+    A ServerApp that can be restarted: the same line with a run folder; after a crash, start it
+    again with `resume=True` (the same `num_rounds`, or more)::
+
+        strategy = FedTreeLoRA(tree_config=TreeConfig(), warmup_rounds=2, run_dir="runs/flower", resume=True)
+        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=10)   # continues after the last commit
     """
 
     # pylint: disable=too-many-arguments
@@ -114,7 +149,8 @@ class FedTreeLoRA(Strategy):
                  fraction_evaluate: float = 1.0, min_train_nodes: int = 2, min_evaluate_nodes: int = 2,
                  min_available_nodes: int = 2, weighted_by_key: str = "num-examples", arrayrecord_key: str = "arrays",
                  external_key: str = "external", configrecord_key: str = "config", clip_norm: float | str | None = None,
-                 robust: str = "mean", trim_ratio: float = 0.1, experts_fn: ExpertsFn | None = None) -> None:
+                 robust: str = "mean", trim_ratio: float = 0.1, experts_fn: ExpertsFn | None = None,
+                 run_dir: str | Path | None = None, resume: bool = False) -> None:
         if not isinstance(tree_config, TreeConfig):
             raise TypeError(f"tree_config must be a fedtreelora.TreeConfig, got {type(tree_config).__name__}")
         if isinstance(warmup_rounds, bool) or not isinstance(warmup_rounds, int) or warmup_rounds < 1:
@@ -143,6 +179,12 @@ class FedTreeLoRA(Strategy):
             raise ValueError(f'clip_norm must be None, "median" or a number > 0, got {clip_norm!r}')
         if experts_fn is not None and not callable(experts_fn):
             raise TypeError(f"experts_fn must be callable, got {type(experts_fn).__name__}")
+        if run_dir is not None and not isinstance(run_dir, (str, Path)):
+            raise TypeError(f"run_dir must be a str or a pathlib.Path, got {type(run_dir).__name__}")
+        if not isinstance(resume, bool):
+            raise TypeError(f"resume must be a bool, got {type(resume).__name__}")
+        if resume and run_dir is None:
+            raise ValueError("resume=True needs run_dir (the folder whose checkpoint the run continues)")
         self.tree_config = tree_config
         self.warmup_rounds = warmup_rounds
         self.fraction_train = float(fraction_train)
@@ -158,6 +200,10 @@ class FedTreeLoRA(Strategy):
         self.robust = robust
         self.trim_ratio = trim_ratio
         self.experts_fn = experts_fn
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.resume = resume
+        self._in_start = False
+        self._evaluate_fn_commits = False
         self._reset()
 
     def _reset(self) -> None:
@@ -174,6 +220,8 @@ class FedTreeLoRA(Strategy):
         self._outside: set[int] = set()                   # nodes with an upload but no place in the tree
         self._warned_late: set[int] = set()
         self._sent: dict[str, set[int]] = {}
+        self.resumed_round = 0
+        self._aggregated: dict[str, dict[int, dict]] = {"train": {}, "evaluate": {}, "serverapp": {}}
 
     # -- public ---------------------------------------------------------------------------------
     def experts(self, node_id: int) -> tuple[StateDict, StateDict | None]:
@@ -205,14 +253,78 @@ class FedTreeLoRA(Strategy):
         logger.info("\t└──> Keys: weighted by '%s', arrays '%s', external '%s', config '%s'", self.weighted_by_key,
                     self.arrayrecord_key, self.external_key, self.configrecord_key)
 
+    # -- the run ------------------------------------------------------------------------------------
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
+        """flwr's `Strategy.start`, after loading `run_dir`'s checkpoint when resuming.
+
+        Parameters and return value are flwr's (see `flwr.serverapp.strategy.Strategy.start`);
+        `num_rounds` counts the warm-up rounds and, on resume, the committed ones. When resuming,
+        the committed rounds are replayed from the checkpoint (no node is contacted, `evaluate_fn`
+        is not called for them) so that `Result` covers every round.
+        """
+        self._begin(initial_arrays)
+        if self.resumed_round >= num_rounds:
+            logger.warning("run_dir %s has round %d committed, num_rounds is %d: nothing left to train",
+                           self.run_dir, self.resumed_round, num_rounds)
+        self._in_start, self._evaluate_fn_commits = True, evaluate_fn is not None
+        try:
+            return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
+                                 None if evaluate_fn is None else self._replaying(evaluate_fn))
+        finally:
+            self._in_start, self._evaluate_fn_commits = False, False
+
+    def _begin(self, initial_arrays: ArrayRecord) -> None:
+        """A run's start: fresh state, then `run_dir`'s checkpoint when resuming."""
+        self._reset()
+        self._initial = from_arrayrecord(initial_arrays)
+        if self.run_dir is None:
+            return
+        folder = self.run_dir / CHECKPOINT_FOLDER
+        loaded = load_tensors(folder)
+        if loaded is None:
+            if self.resume:
+                logger.info("run_dir %s holds no committed round: the run starts fresh", self.run_dir)
+            return
+        info, tensors = loaded
+        if info.get("format") != CHECKPOINT_FORMAT:
+            raise RunFolderError(f"{folder} holds a checkpoint of another kind (format {info.get('format')!r}, "
+                                 f"expected {CHECKPOINT_FORMAT!r}); use another run_dir")
+        if not self.resume:
+            raise RunFolderError(f"run_dir {self.run_dir} already holds a FedTreeLoRA run (round {info['round']} "
+                                 "committed): pass resume=True to continue it, or use another run_dir")
+        self._load_state(info, tensors, folder)
+
+    def _replaying(self, evaluate_fn):
+        """`evaluate_fn` that answers committed rounds from the checkpoint, records the others and commits them."""
+        def wrapped(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if self.resumed_round and server_round <= self.resumed_round:
+                stored = self._aggregated["serverapp"].get(server_round)
+                return None if stored is None else MetricRecord(stored)
+            res = evaluate_fn(server_round, arrays)
+            if res is not None:
+                self._aggregated["serverapp"][server_round] = dict(res)
+            if server_round >= 1:
+                self._commit(server_round)
+            return res
+        return wrapped
+
+    def _replayed(self, server_round: int) -> bool:
+        return server_round <= self.resumed_round
+
     # -- train ----------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Messages of a training round: warm-up, every available node its own last upload; later, every
-        sampled node its own cluster expert (and external expert)."""
-        if server_round == 1 or self._initial is None:
-            self._reset()
-            self._initial = from_arrayrecord(arrays)
+        sampled node its own cluster expert (and external expert). None for a round replayed from
+        the checkpoint."""
+        if (server_round == 1 and not self._in_start) or self._initial is None:
+            self._begin(arrays)
+        if self._replayed(server_round):
+            logger.info("configure_train: round %d was committed before the restart: replayed from %s", server_round,
+                        self.run_dir / CHECKPOINT_FOLDER)
+            return []
         warmup = server_round <= self.warmup_rounds
         if warmup:
             available = len(list(grid.get_node_ids()))
@@ -227,6 +339,11 @@ class FedTreeLoRA(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Store the uploads, build the tree (end of warm-up) or aggregate with it; return the weighted
         global mean of the latest uploads and the weighted train metrics."""
+        if self._replayed(server_round):
+            list(replies)
+            stored = self._aggregated["train"].get(server_round)
+            arrays = to_arrayrecord(self._global) if server_round == self.resumed_round and self._global else None
+            return arrays, None if stored is None else MetricRecord(stored)
         arrived, contents = self._collect(server_round, replies, "train")
         for node, content in arrived.items():
             record = _one_arrayrecord(content, node)
@@ -249,6 +366,8 @@ class FedTreeLoRA(Strategy):
         if self.experts_fn is not None:
             self.experts_fn(server_round, {node: self.experts(node) for node in sorted(self._experts)})
         metrics = aggregate_metricrecords(contents, self.weighted_by_key) if contents else None
+        if metrics is not None:
+            self._aggregated["train"][server_round] = dict(metrics)
         return to_arrayrecord(self._global), metrics
 
     def _build_tree(self, server_round: int) -> None:
@@ -298,15 +417,113 @@ class FedTreeLoRA(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Messages of an evaluation round: every sampled node its own current experts."""
+        if self._replayed(server_round):
+            return []
         node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
         self._sent["evaluate"] = set(node_ids)
         return [self._message(node, server_round, config, MessageType.EVALUATE) for node in node_ids]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """The weighted mean of the nodes' (personalised) evaluation metrics; per node in `evaluate_metrics`."""
+        """The weighted mean of the nodes' (personalised) evaluation metrics; per node in `evaluate_metrics`.
+        The end of the round: with `run_dir`, the round is committed here (or after `start`'s
+        `evaluate_fn`, when there is one)."""
+        if self._replayed(server_round):
+            list(replies)
+            stored = self._aggregated["evaluate"].get(server_round)
+            return None if stored is None else MetricRecord(stored)
         arrived, contents = self._collect(server_round, replies, "evaluate")
         self._sent.pop("evaluate", None)
-        return aggregate_metricrecords(contents, self.weighted_by_key) if contents else None
+        metrics = aggregate_metricrecords(contents, self.weighted_by_key) if contents else None
+        if metrics is not None:
+            self._aggregated["evaluate"][server_round] = dict(metrics)
+        if not self._evaluate_fn_commits:
+            self._commit(server_round)
+        return metrics
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _settings(self) -> dict:
+        return {"tree_config": asdict(self.tree_config), "warmup_rounds": self.warmup_rounds,
+                "clip_norm": self.clip_norm, "robust": self.robust, "trim_ratio": self.trim_ratio,
+                "weighted_by_key": self.weighted_by_key}
+
+    def _commit(self, server_round: int) -> None:
+        """Commit the strategy's whole state after `server_round` to run_dir (nothing without one)."""
+        if self.run_dir is None or self._initial is None:
+            return
+        tensors = {f"initial/{k}": v for k, v in self._initial.items()}
+        if self._global is not None:
+            tensors.update({f"global/{k}": v for k, v in self._global.items()})
+        for node, upload in self._uploads.items():
+            tensors.update({f"upload/{node}/{k}": v for k, v in upload.items()})
+        for node, (cluster, external) in self._experts.items():
+            tensors.update({f"cluster/{node}/{k}": v for k, v in cluster.items()})
+            tensors.update({f"external/{node}/{k}": v for k, v in (external or {}).items()})
+        table = lambda t: {str(r): {str(n): m for n, m in per.items()} for r, per in t.items()}   # noqa: E731
+        info = {"format": CHECKPOINT_FORMAT, "settings": self._settings(),
+                "tree": None if self.tree is None else self.tree.to_dict(),
+                "weights": {str(n): w for n, w in self._weights.items()},
+                "dtypes": {str(n): {k: str(d).removeprefix("torch.") for k, d in dt.items()}
+                           for n, dt in self._dtypes.items()},
+                "experts": {str(n): external is not None for n, (_, external) in self._experts.items()},
+                "uploads": sorted(self._uploads), "outside": sorted(self._outside),
+                "warned_late": sorted(self._warned_late), "failures": self.failures,
+                "train_metrics": table(self.train_metrics), "evaluate_metrics": table(self.evaluate_metrics),
+                "aggregated": {kind: {str(r): m for r, m in per.items()} for kind, per in self._aggregated.items()}}
+        commit_tensors(self.run_dir / CHECKPOINT_FOLDER, server_round, tensors, info)
+
+    def _load_state(self, info: dict, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+        """The state `_commit` wrote, after checking that this run may continue it."""
+        saved, now = info.get("settings", {}), json_round_trip(self._settings())
+        differ = [name for name in RULE_SETTINGS if saved.get(name) != now[name]]
+        if differ:
+            detail = "; ".join(f"{name}: committed {saved.get(name)!r}, now {now[name]!r}" for name in differ)
+            raise RunFolderError(f"run_dir {self.run_dir} holds a run with other settings ({detail}); resume it with "
+                                 "the settings it was started with, or use another run_dir")
+        parts: dict[str, dict] = {}
+        try:
+            for name, v in tensors.items():
+                kind, rest = name.split("/", 1)
+                if kind in ("upload", "cluster", "external"):
+                    node, key = rest.split("/", 1)
+                    parts.setdefault(kind, {}).setdefault(int(node), {})[key] = v
+                else:
+                    parts.setdefault(kind, {})[rest] = v
+            initial = parts.get("initial", {})
+            for key, value in self._initial.items():
+                if key not in initial:
+                    raise RunFolderError(f"initial_arrays has key {key!r} that the run in {self.run_dir} did not have")
+                if initial[key].shape != value.shape or initial[key].dtype != value.dtype:
+                    raise RunFolderError(f"initial_arrays key {key!r} is {value.dtype} {tuple(value.shape)}, the run in "
+                                         f"{self.run_dir} had {initial[key].dtype} {tuple(initial[key].shape)}")
+            extra = sorted(set(initial) - set(self._initial))
+            if extra:
+                raise RunFolderError(f"initial_arrays lacks key {extra[0]!r} of the run in {self.run_dir} "
+                                     f"({len(extra)} missing)")
+            if any(not torch.equal(initial[k], self._initial[k]) for k in initial):
+                logger.warning("initial_arrays differ in value from the committed run's: the committed ones are kept")
+            self._initial = initial
+            self._global = parts.get("global") or None
+            self._uploads = {int(n): parts["upload"][int(n)] for n in info["uploads"]}
+            self._weights = {int(n): float(w) for n, w in info["weights"].items()}
+            self._dtypes = {int(n): {k: getattr(torch, d) for k, d in dt.items()} for n, dt in info["dtypes"].items()}
+            self._experts = {int(n): (parts.get("cluster", {}).get(int(n), {}),
+                                      parts["external"][int(n)] if has_external else None)
+                             for n, has_external in info["experts"].items()}
+            self.tree = None if info["tree"] is None else AggregationTree.from_dict(info["tree"])
+            self._outside, self._warned_late = set(info["outside"]), set(info["warned_late"])
+            self.failures = list(info["failures"])
+            self.train_metrics, self.evaluate_metrics = (
+                {int(r): {int(n): m for n, m in per.items()} for r, per in info[t].items()}
+                for t in ("train_metrics", "evaluate_metrics"))
+            self._aggregated = {kind: {int(r): m for r, m in per.items()} for kind, per in info["aggregated"].items()}
+            self.resumed_round = int(info["round"])
+        except (KeyError, ValueError, TypeError) as exc:
+            if isinstance(exc, RunFolderError):
+                raise
+            raise CheckpointError(f"checkpoint {folder} is incomplete or corrupt ({type(exc).__name__}: {exc}); "
+                                  "delete it to start over") from exc
+        logger.info("resuming from %s: round %d committed (%d node(s), tree %s)", folder, self.resumed_round,
+                    len(self._uploads), "built" if self.tree is not None else "not built yet")
 
     # -- helpers --------------------------------------------------------------------------------
     def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
@@ -375,6 +592,12 @@ class FedTreeLoRA(Strategy):
                 acc += states[n][key].double() * (self._weights[n] / total)
             mean[key] = acc.to(value.dtype)
         return mean
+
+
+def json_round_trip(value):
+    """`value` as it reads back from state.json (tuples become lists, ...), for comparing settings."""
+    import json
+    return json.loads(json.dumps(value))
 
 
 def _one_arrayrecord(content: RecordDict, node: int) -> ArrayRecord:

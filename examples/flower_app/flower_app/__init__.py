@@ -1,1 +1,1 @@
-"""FedTreeLoRA in a FlowerTune-style PEFT app (MiniLM on BBC News)."""
+"""FedTreeLoRA in a FlowerTune-style PEFT app: MiniLM on BBC News, or a causal LM (SmolLM2) on ACLSum."""

@@ -7,7 +7,7 @@ from flwr.clientapp import ClientApp
 
 from fedtreelora.flower import load_experts, make_reply
 
-from .task import batches, get_model, load_data
+from .task import batches, evaluate as evaluate_model, get_model, load_data
 
 app = ClientApp()
 
@@ -16,20 +16,21 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     model = get_model(context.run_config)
     load_experts(model, msg, context)          # FedTreeLoRA: cluster expert, external expert, this node's lam
-    x, y, _, _ = load_data(context.run_config, context.node_config)
+    data = load_data(context.run_config, context.node_config)
     rc, rnd = context.run_config, int(msg.content["config"]["server-round"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(rc["train.learning-rate"]))
     model.train()
     losses = []
     seed = int(rc["seed"]) * 100_003 + rnd * 1_009 + int(context.node_config["partition-id"])
-    for batch, labels in batches(x, y, int(rc["train.batch-size"]), int(rc["train.local-steps"]), seed):
-        loss = model(**batch, labels=labels).loss
+    for batch, labels in batches(data.train_x, data.train_y, int(rc["train.batch-size"]), int(rc["train.local-steps"]),
+                                 seed):
+        loss = model(**batch, labels=labels).loss   # classification: the labels; causal LM: response tokens only
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    return make_reply(model, msg, context, num_examples=len(y),   # FedTreeLoRA: the reply, lam kept here
+    return make_reply(model, msg, context, num_examples=len(data.train_y),   # FedTreeLoRA: the reply, lam kept here
                       metrics={"train-loss": sum(losses) / len(losses)})
 
 
@@ -37,10 +38,6 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     model = get_model(context.run_config)
     load_experts(model, msg, context)          # its personalised model: the experts it was sent, its lam
-    _, _, x, y = load_data(context.run_config, context.node_config)
-    model.eval()
-    with torch.no_grad():
-        logits = model(**x).logits
-    loss = torch.nn.functional.cross_entropy(logits, y).item()
-    accuracy = (logits.argmax(-1) == y).float().mean().item()
-    return make_reply(model, msg, context, num_examples=len(y), metrics={"accuracy": accuracy, "loss": loss})
+    data = load_data(context.run_config, context.node_config)
+    metrics = evaluate_model(model, context.run_config, data)   # accuracy or ROUGE-1, and the loss
+    return make_reply(model, msg, context, num_examples=len(data.test_y), metrics=metrics)
