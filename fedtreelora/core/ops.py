@@ -141,36 +141,94 @@ def _check_square(d: torch.Tensor, name: str = "d") -> None:
     _tensor(d, name)
     if d.dim() != 2 or d.shape[0] != d.shape[1]:
         raise ValueError(f"{name} must be a square [N, N] distance matrix, got shape {tuple(d.shape)}")
-    if not d.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {d.dtype}")
+
+
+def _as_distances(d: torch.Tensor, name: str = "d") -> torch.Tensor:
+    """d itself when floating point; an integer d converted (exactly, below 2**53) to float64."""
+    if d.is_floating_point():
+        return d
+    if d.dtype == torch.bool or d.is_complex():
+        raise TypeError(f"{name} must be a floating-point or integer tensor, got {d.dtype}")
+    return d.to(torch.float64)
+
+
+def _check_distance_values(d: torch.Tensor, diagonal_atol: float, symmetry: str) -> None:
+    """The distance-matrix contract, for the paths whose kernel does not check it in its own pass.
+
+    d [..., N, N]: finite, >= 0, |diagonal| <= diagonal_atol, and symmetric: exactly when `symmetry`
+    starts with "exactly", else up to sklearn's check_symmetric tolerance (np.allclose(d, d.T, atol=1e-10)).
+    """
+    def where(idx) -> str:
+        *layer, i, j = idx
+        return (f"layer {layer[0]}, " if layer else "") + f"[{i}, {j}]"
+
+    bad = ~torch.isfinite(d)
+    if bool(bad.any()):
+        raise ValueError(f"d has a NaN or Inf entry at {where(bad.nonzero()[0].tolist())}")
+    bad = d < 0
+    if bool(bad.any()):
+        idx = bad.nonzero()[0].tolist()
+        raise ValueError(f"d has a negative distance at {where(idx)}: {float(d[tuple(idx)])}")
+    diag = torch.diagonal(d, dim1=-2, dim2=-1)
+    bad = diag.abs() > diagonal_atol
+    if bool(bad.any()):
+        *layer, i = bad.nonzero()[0].tolist()
+        raise ValueError(f"d must have a zero diagonal (|d[i, i]| <= {diagonal_atol:.3g}): "
+                         + (f"layer {layer[0]}, " if layer else "") + f"d[{i}, {i}] = {float(diag[tuple(layer) + (i,)])}")
+    dt = d.transpose(-1, -2)
+    if symmetry.startswith("exactly"):
+        bad = d != dt
+    else:  # symmetric_within_roundoff in csrc/include/silhouette_math.h, in the same precision
+        work = d.float() if d.dtype in (torch.float16, torch.bfloat16) else d
+        workt = work.transpose(-1, -2)
+        bad = (work - workt).abs() > 1e-10 + 1e-5 * torch.minimum(work, workt).abs()
+    if bool(bad.any()):
+        idx = bad.nonzero()[0].tolist()
+        *layer, i, j = idx
+        raise ValueError(f"d must be {symmetry}: " + (f"layer {layer[0]}, " if layer else "")
+                         + f"d[{i}, {j}] = {float(d[tuple(idx)])} but d[{j}, {i}] = {float(dt[tuple(idx)])}")
 
 
 def linkage(d: torch.Tensor, method: str = "average") -> torch.Tensor:
     """Agglomerative clustering of a square distance matrix, in scipy's Z format.
 
-    d: [N, N] symmetric, zero diagonal, finite, non-negative (converted to float64).
-    Returns Z [N-1, 4] float64, identical to scipy.cluster.hierarchy.linkage(squareform(d), method)
-    for inputs without ties (an empty [0, 4] for N = 1). Methods: single, complete, average,
-    weighted, ward. On a CUDA tensor the clustering runs on the host and Z returns to the device.
+    Parameters
+    ----------
+    d : torch.Tensor
+        [N, N] distances, floating point or integer (converted to float64, so integers are exact
+        below 2**53). The contract is scipy's for a square distance matrix (`squareform` with its
+        default checks, `is_valid_dm` with tol=0) plus non-negativity: finite, >= 0, an exactly zero
+        diagonal and exactly symmetric. Anything else is a ValueError naming the entry; bool and
+        complex tensors are a TypeError.
+    method : str
+        single, complete, average, weighted or ward.
+
+    Returns
+    -------
+    torch.Tensor
+        Z [N-1, 4] float64 on d's device, identical to
+        scipy.cluster.hierarchy.linkage(squareform(d), method) for inputs without ties (an empty
+        [0, 4] for N = 1). On a CUDA tensor the clustering runs on the host.
+
+    Examples
+    --------
+    >>> import torch, fedtreelora as ftl
+    >>> d = torch.tensor([[0, 1, 4], [1, 0, 5], [4, 5, 0]])    # integers: converted to float64
+    >>> ftl.ops.linkage(d, "single")
+    tensor([[0., 1., 1., 2.],
+            [2., 3., 4., 3.]], dtype=torch.float64)
+    >>> ftl.ops.linkage(torch.tensor([[0.0, 1.0], [1.5, 0.0]]))
+    Traceback (most recent call last):
+    ...
+    ValueError: ...d must be exactly symmetric...
     """
     _check_square(d)
     if method not in LINKAGE_METHODS:
         raise ValueError(f"method must be one of {LINKAGE_METHODS}, got {method!r}")
-    d64 = d.to(torch.float64)
+    d64 = _as_distances(d).to(torch.float64)
     # The native kernel makes these checks itself in one pass while it copies d; the reference cannot.
     if _checking_values() and not native_available():
-        if not bool(torch.isfinite(d64).all()):
-            i, j = (~torch.isfinite(d64)).nonzero()[0].tolist()
-            raise ValueError(f"d has a NaN or Inf entry at [{i}, {j}]")
-        if bool((d64 < 0).any()):
-            i, j = (d64 < 0).nonzero()[0].tolist()
-            raise ValueError(f"d has a negative distance at [{i}, {j}]: {float(d64[i, j])}")
-        if bool((torch.diagonal(d64) != 0).any()):
-            i = int((torch.diagonal(d64) != 0).nonzero()[0])
-            raise ValueError(f"d must have a zero diagonal, d[{i}, {i}] = {float(d64[i, i])}")
-        if not torch.equal(d64, d64.T):
-            i, j = (d64 != d64.T).nonzero()[0].tolist()
-            raise ValueError(f"d must be exactly symmetric, d[{i}, {j}] = {float(d64[i, j])} != d[{j}, {i}] = {float(d64[j, i])}")
+        _check_distance_values(d64, diagonal_atol=0.0, symmetry="exactly symmetric")
     impl = _impl("linkage")
     return impl(d64, method)
 
@@ -230,10 +288,36 @@ def _check_labels(labels: torch.Tensor, n: int, name: str = "labels") -> None:
 def silhouette(d: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean silhouette of many partitions under many distance matrices, batched.
 
-    d: [L, N, N] (or [N, N]) precomputed distances; labels: int64 [L, M, N] (or [M, N]) in [0, N).
-    Returns float32 [L, M] (or [M]): entry (l, m) equals
-    sklearn.metrics.silhouette_score(d[l], labels[l, m], metric="precomputed"), a singleton
-    scoring 0; NaN where sklearn refuses (fewer than 2 or more than N-1 distinct labels).
+    Parameters
+    ----------
+    d : torch.Tensor
+        [L, N, N] (or [N, N]) precomputed distances, floating point or integer (converted to float64).
+        Each d[l] must be what sklearn's silhouette_score(metric="precomputed") accepts, and symmetric:
+        finite; no negative entry; a diagonal within 100 machine epsilons of its dtype of 0 (sklearn's
+        tolerance; an integer diagonal must be 0); symmetric up to round-off, with sklearn's
+        check_symmetric tolerance: |d[i, j] - d[j, i]| <= 1e-10 + 1e-5 min(d[i, j], d[j, i]) (compared
+        in float32 for 32- and 16-bit input). Anything else is a ValueError naming the layer and entry.
+    labels : torch.Tensor
+        int64 [L, M, N] (or [M, N]) in [0, N): M partitions of the N clients per layer.
+
+    Returns
+    -------
+    torch.Tensor
+        float32 [L, M] (or [M]): entry (l, m) equals
+        sklearn.metrics.silhouette_score(d[l], labels[l, m], metric="precomputed") to 1e-5 (the row
+        sums of d, accumulated in float64), a singleton scoring 0; NaN where sklearn raises instead
+        (fewer than 2 or more than N-1 distinct labels).
+
+    Examples
+    --------
+    >>> import torch, fedtreelora as ftl
+    >>> d = torch.tensor([[0, 1, 4, 5], [1, 0, 4, 5], [4, 4, 0, 2], [5, 5, 2, 0]])
+    >>> ftl.ops.silhouette(d, torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]]))
+    tensor([0.6639,    nan])
+    >>> ftl.ops.silhouette(d - 1, torch.tensor([[0, 0, 1, 1]]))
+    Traceback (most recent call last):
+    ...
+    ValueError: ...d has a negative distance at layer 0, [0, 0]: -1...
     """
     _tensor(d, "d")
     _tensor(labels, "labels")
@@ -242,16 +326,15 @@ def silhouette(d: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         d, labels = d.unsqueeze(0), labels.unsqueeze(0)
     if d.dim() != 3 or d.shape[1] != d.shape[2]:
         raise ValueError(f"d must be [L, N, N] (or [N, N]), got shape {tuple(d.shape)}")
-    if not d.is_floating_point():
-        raise TypeError(f"d must be a floating-point tensor, got {d.dtype}")
+    d = _as_distances(d)
     if labels.dim() != 3 or labels.shape[0] != d.shape[0]:
         raise ValueError(f"labels must be [L, M, N] with L={d.shape[0]} (or [M, N] with a 2-D d), got shape {tuple(labels.shape)}")
     _same_device(d=d, labels=labels)
     _check_labels(labels, d.shape[1])
     kernel_checks_values = native_available() and d.device.type == "cpu"   # the CPU kernel checks in its single pass over d
-    if _checking_values() and not kernel_checks_values and not bool(torch.isfinite(d).all()):
-        l, i, j = (~torch.isfinite(d)).nonzero()[0].tolist()
-        raise ValueError(f"d has a NaN or Inf entry at layer {l}, [{i}, {j}]")
+    if _checking_values() and not kernel_checks_values:
+        _check_distance_values(d, diagonal_atol=100 * torch.finfo(d.dtype).eps,
+                               symmetry="symmetric up to round-off (|d[i, j] - d[j, i]| <= 1e-10 + 1e-5 min(d[i, j], d[j, i]), sklearn's check_symmetric)")
     impl = _impl("silhouette")
     out = impl(d, labels)
     return out[0] if squeeze else out
