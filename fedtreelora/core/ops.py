@@ -237,6 +237,8 @@ def _check_linkage_matrix(z: torch.Tensor) -> None:
     _tensor(z, "z")
     if z.dim() != 2 or z.shape[1] != 4:
         raise ValueError(f"z must be a linkage matrix [N-1, 4], got shape {tuple(z.shape)}")
+    if z.dtype != torch.float64:  # scipy's is_valid_linkage: "Linkage matrix 'Z' must contain doubles."
+        raise TypeError(f"z must be a float64 linkage matrix (as scipy's is_valid_linkage requires), got {z.dtype}")
     if not _checking_values() or z.shape[0] == 0:
         return
     n = z.shape[0] + 1
@@ -254,9 +256,37 @@ def _check_linkage_matrix(z: torch.Tensor) -> None:
 def cut_tree(z: torch.Tensor, n_clusters) -> torch.Tensor:
     """Labels of the partitions of the tree z into exactly n_clusters[m] clusters.
 
-    z: [N-1, 4] linkage matrix; n_clusters: int64 [M] (or a list/int) with values in [1, N].
-    Returns int64 [M, N], equal to scipy.cluster.hierarchy.cut_tree(z, n_clusters=n_clusters).T
-    (merges applied in Z's order, labels numbered by first appearance as scipy does).
+    Parameters
+    ----------
+    z : torch.Tensor
+        float64 [N-1, 4] linkage matrix, validated as scipy's is_valid_linkage does: float64 (any
+        other dtype is a TypeError, as scipy's "must contain doubles"), shape [N-1, 4], ids that are
+        integers naming a leaf or a cluster formed in an earlier row, each cluster merged at most
+        once, finite non-negative heights, and counts equal to the leaves under each row (ValueError
+        naming the row otherwise). Heights need not be monotone: like scipy's cut_tree, merges are
+        applied in order of height (scipy's is_valid_linkage does not ask for monotone heights
+        either; is_monotonic is a separate check).
+    n_clusters : torch.Tensor, list or int
+        int64 [M] with values in [1, N].
+
+    Returns
+    -------
+    torch.Tensor
+        int64 [M, N], equal to scipy.cluster.hierarchy.cut_tree(z, n_clusters=n_clusters).T (merges
+        applied in Z's order, labels numbered by first appearance as scipy does).
+
+    Examples
+    --------
+    >>> import torch, fedtreelora as ftl
+    >>> z = torch.tensor([[0, 1, 1.0, 2], [2, 3, 4.0, 3]], dtype=torch.float64)
+    >>> ftl.ops.cut_tree(z, [1, 2, 3])
+    tensor([[0, 0, 0],
+            [0, 0, 1],
+            [0, 1, 2]])
+    >>> ftl.ops.cut_tree(z.to(torch.int64), [2])
+    Traceback (most recent call last):
+    ...
+    TypeError: z must be a float64 linkage matrix (as scipy's is_valid_linkage requires), got torch.int64
     """
     _check_linkage_matrix(z)
     if not isinstance(n_clusters, torch.Tensor):
@@ -271,7 +301,7 @@ def cut_tree(z: torch.Tensor, n_clusters) -> torch.Tensor:
         bad = [c for c in n_clusters.tolist() if not 1 <= c <= n]
         raise ValueError(f"n_clusters must lie in [1, {n}] for a tree over {n} clients, got {bad}")
     impl = _impl("cut_tree")
-    return impl(z.to(torch.float64), n_clusters)
+    return impl(z, n_clusters)
 
 
 def _check_labels(labels: torch.Tensor, n: int, name: str = "labels") -> None:
