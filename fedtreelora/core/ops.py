@@ -123,6 +123,33 @@ def layer_distances(x: torch.Tensor, layer_offsets: torch.Tensor, metric: str = 
     similarity; a zero slice has similarity 0 with every other slice).
     Returns (per_layer [L, N, N] float32, mean [N, N] float32): exact zero diagonal, exactly
     symmetric, never negative.
+
+    Accuracy: the slices are centred (frobenius) or scaled to unit rows (cosine) in float64, then the
+    Gram matrix is a library GEMM: float64 for float64 x (distances within float32 rounding of the
+    exact ones: 6e-8 relative on the iris data), float32 otherwise (full float32 on CUDA too: TF32 is
+    switched off around it), with the epilogue sqrt(|a|^2 + |b|^2 - 2 a.b) in float64. The float32
+    GEMM bounds the relative error of a distance d between centred rows a, b by about
+    sqrt(w) * 2**-24 * (|a|^2 + |b|^2) / d**2 for a layer of width w: small for clients that differ
+    as much as they vary, larger for near-duplicates among spread-out clients (2.4e-5 on iris in
+    float32, where scipy computes a - b directly). Pass float64 x where that matters.
+
+    Examples
+    --------
+    >>> import torch, fedtreelora as ftl
+    >>> x = torch.tensor([[0.0, 0.0, 1.0], [3.0, 4.0, 1.0], [0.0, 0.0, 0.0]])
+    >>> per_layer, mean = ftl.ops.layer_distances(x, torch.tensor([0, 2, 3]))
+    >>> per_layer
+    tensor([[[0., 5., 0.],
+             [5., 0., 5.],
+             [0., 5., 0.]],
+    <BLANKLINE>
+            [[0., 0., 1.],
+             [0., 0., 1.],
+             [1., 1., 0.]]])
+    >>> mean
+    tensor([[0.0000, 2.5000, 0.5000],
+            [2.5000, 0.0000, 3.0000],
+            [0.5000, 3.0000, 0.0000]])
     """
     _check_rows(x)
     _same_device(x=x, layer_offsets=_tensor(layer_offsets, "layer_offsets"))
