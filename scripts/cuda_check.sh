@@ -123,6 +123,8 @@ ARCHS=${CUDA_CHECK_ARCHS:-80 90}
 # --threads 0: nvcc builds the architectures of one file in parallel.
 GENCODE=()
 for arch in $ARCHS; do GENCODE+=(-gencode "arch=compute_$arch,code=sm_$arch"); done
+LAST_ARCH=${ARCHS##* }
+GENCODE+=(-gencode "arch=compute_$LAST_ARCH,code=compute_$LAST_ARCH")  # the PTX that +PTX ships
 NVCC_ARGS=(-O3 -std=c++20 -Xcompiler -fPIC --threads 0 "${GENCODE[@]}" -Icsrc/include "${TORCH_FLAGS[@]}" "${NVTX_FLAGS[@]}"
            -DFEDTREELORA_WITH_CUDA=1 "${STRICT[@]}")
 # A file that passed with exactly these sources, headers and flags is not compiled again.
@@ -157,7 +159,7 @@ fi
 
 # --- 3. the full JIT build with CUDA on, the CUDA registrations, the CPU tests on that build -------
 export FEDTREELORA_WITH_CUDA=1 FEDTREELORA_REQUIRE_NATIVE=1
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0+PTX"}  # +PTX: newer GPUs JIT the sm_90 PTX
 export FEDTREELORA_CACHE_DIR=${FEDTREELORA_CUDA_CACHE_DIR:-$CACHE_ROOT/cuda-check}
 say "JIT build with CUDA (cache $FEDTREELORA_CACHE_DIR)"
 "$PY" - <<'PY'

@@ -35,7 +35,7 @@ __device__ inline int64_t layer_of(const int64_t* offsets, int64_t n_layers, int
 }
 
 template <typename scalar_t>
-__global__ void tree_reduce_kernel(const scalar_t* __restrict__ x, int64_t row_stride, int64_t n, int64_t p,
+__global__ void __launch_bounds__(kMaxThreads) tree_reduce_kernel(const scalar_t* __restrict__ x, int64_t row_stride, int64_t n, int64_t p,
                                    const int64_t* __restrict__ offsets, int64_t n_layers,
                                    const int64_t* __restrict__ members, const double* __restrict__ member_weight,
                                    const int64_t* __restrict__ start, const double* __restrict__ cluster_weight,
