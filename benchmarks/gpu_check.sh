@@ -4,8 +4,8 @@
 # range shows. Every step runs even when an earlier one failed; the summary says which failed, and
 # the exit status is non-zero if any did. Writes into $OUT if set, else benchmarks/results/gpu_check:
 #   gpu_check.log (everything), summary.txt, nvtx_sum.csv, aggregate.nsys-rep, the benchmark's json.
-# PYTHON picks the interpreter (default: python3 if its torch sees a GPU, else .venv-cuda, made by
-# scripts/cuda_check.sh).
+# PYTHON picks the interpreter (default: python3 if its torch sees a GPU, else the cached CUDA venv
+# of scripts/cuda_check.sh).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -23,8 +23,9 @@ if [ -n "${PYTHON:-}" ]; then
 elif has_gpu python3; then
   PY=$(command -v python3)
 else
-  [ -x .venv-cuda/bin/python ] || bash scripts/cuda_check.sh >/dev/null 2>&1 || true  # creates .venv-cuda
-  PY=$ROOT/.venv-cuda/bin/python
+  # the venv scripts/cuda_check.sh keeps once per machine (~/.cache/fedtreelora/cuda-venv-*)
+  PY=$(bash scripts/cuda_check.sh --venv-only 2>/dev/null | sed -n 's/.*venv ready (\([^,]*\),.*/\1/p')
+  PY=${PY:-python3}
 fi
 if ! has_gpu "$PY"; then
   say "FAILED: no GPU visible to torch in $PY; this script is for a machine with a CUDA device"
@@ -40,7 +41,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format
 
 # One build for every step: CUDA forced on, for sm_80, sm_90 and this device, in its own cache.
 CAP=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-export TORCH_CUDA_ARCH_LIST=$(printf '%s\n' 8.0 9.0 "$CAP" | sort -u | paste -sd';')
+export TORCH_CUDA_ARCH_LIST="$(printf '%s\n' 8.0 9.0 "$CAP" | sort -u | paste -sd';')+PTX"
 export FEDTREELORA_WITH_CUDA=1 FEDTREELORA_REQUIRE_NATIVE=1 PYTHONUNBUFFERED=1
 export FEDTREELORA_CUDA_CACHE_DIR=${FEDTREELORA_CUDA_CACHE_DIR:-$HOME/.cache/fedtreelora-gpu-check}
 export FEDTREELORA_CACHE_DIR=$FEDTREELORA_CUDA_CACHE_DIR
@@ -48,11 +49,16 @@ export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
 # --- 1. strict nvcc compile of every .cu, the CUDA build, its registrations, the CPU tests ----------
 say "step 1: scripts/cuda_check.sh (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-if CUDA_CHECK_PYTHON=$PY PYTEST_ARGS="--ignore=tests/cuda" bash scripts/cuda_check.sh; then
-  record "cuda-check" "ok"
+if CUDA_CHECK_PYTHON=$PY PYTEST_ARGS="--ignore=tests/cuda" bash scripts/cuda_check.sh | tee "$RES/.cuda_check"; then
+  if grep -q "SKIPPED" "$RES/.cuda_check"; then
+    record "cuda-check" "FAILED (nvcc was not found, so nothing was compiled: a skip is not a pass here)"
+  else
+    record "cuda-check" "ok"
+  fi
 else
   record "cuda-check" "FAILED"
 fi
+rm -f "$RES/.cuda_check"
 
 # --- 2. every CUDA op against the CPU op ----------------------------------------------------------
 say "step 2: tests/cuda"

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # `make cuda-check`: check the CUDA build path on any machine with nvcc, GPU or not (docs/cuda.md).
-#   1. a separate venv (.venv-cuda) with a CUDA build of torch, whose headers a .cu needs;
+#   1. a venv with a CUDA build of torch, whose headers a .cu needs, built once per machine and kept
+#      OUTSIDE the clone (~/.cache/fedtreelora/cuda-venv-<key of the torch pin, the deps and Python>),
+#      created under a flock so that two clones running this at once build it once;
 #   2. every csrc/cuda/*.cu compiled on its own for sm_80 and sm_90, warnings as errors;
 #   3. the full JIT build through fedtreelora/core/build.py with CUDA forced on, a check that all five
-#      ops have a CUDA kernel registered, and the CPU test suite run against that build.
-# Skips (exit 0) where nvcc is missing. Environment knobs:
-#   PYTHON (python3) to create the venv, CUDA_VENV (.venv-cuda), TORCH_CUDA_PIN (torch==2.14.1),
+#      ops have a CUDA kernel registered, and the CPU tests of the native ops run against that build.
+# Skips (exit 0, saying SKIPPED) where nvcc is missing. Usage: cuda_check.sh [--venv-only] (step 1 only:
+# warm the cache on a new machine). Environment knobs:
+#   PYTHON (python3) to create the venv, CUDA_VENV (the cached venv's path), TORCH_CUDA_PIN (torch==2.14.1),
 #   CUDA_CHECK_PYTHON (an interpreter with a CUDA torch to use instead of the venv),
-#   FEDTREELORA_CUDA_CACHE_DIR (~/.cache/fedtreelora-cuda-check: the build and the files that passed),
-#   CUDA_CHECK_ARCHS ("80 90"), PYTEST_ARGS (extra pytest arguments).
+#   FEDTREELORA_CUDA_CACHE_DIR (~/.cache/fedtreelora/cuda-check: the JIT build and the files that passed),
+#   CUDA_CHECK_ARCHS ("80 90"), CUDA_CHECK_TESTS (the test files of step 3), PYTEST_ARGS (extra pytest arguments).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -32,29 +35,48 @@ NVCC=$CUDA_HOME/bin/nvcc
 CUDA_VERSION=$("$NVCC" --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')
 say "nvcc $CUDA_VERSION at $NVCC (CUDA_HOME=$CUDA_HOME)"
 
-# --- 1. the venv with a CUDA torch (created once; the stamp names what it holds) -------------------
+# --- 1. the venv with a CUDA torch: once per machine, outside the clone, under a lock ----------------
 # CUDA_CHECK_PYTHON=python3 uses an interpreter that already has a CUDA torch instead (a GPU machine).
+VENV_ONLY=0
+[ "${1:-}" = "--venv-only" ] && VENV_ONLY=1
+CACHE_ROOT=${XDG_CACHE_HOME:-$HOME/.cache}/fedtreelora
 if [ -n "${CUDA_CHECK_PYTHON:-}" ]; then
   PY=$(command -v "$CUDA_CHECK_PYTHON")
   say "using $PY (CUDA_CHECK_PYTHON), no venv"
 else
-  VENV=${CUDA_VENV:-$ROOT/.venv-cuda}
+  BASE_PY=$(command -v "${PYTHON:-python3}")
   TORCH_CUDA_PIN=${TORCH_CUDA_PIN:-torch==2.14.1}
   # What the package and its test suite need, read from pyproject.toml (dependencies + the dev extra).
-  DEPS=$("${PYTHON:-python3}" - <<'PY' 2>/dev/null || echo "numpy scipy scikit-learn fastcluster hypothesis pytest pytest-timeout ninja filelock"
+  DEPS=$("$BASE_PY" - <<'PY' 2>/dev/null || echo "numpy scipy scikit-learn fastcluster hypothesis pytest pytest-timeout ninja filelock"
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 print(" ".join(d.replace(" ", "") for d in project["dependencies"] + project["optional-dependencies"]["dev"]))
 PY
 )
-  STAMP=$VENV/.fedtreelora-cuda-check-$(echo "$TORCH_CUDA_PIN $DEPS" | sha256sum | cut -c1-12)
+  BASE_VERSION=$("$BASE_PY" -c "import sys; print(sys.version.split()[0])")
+  KEY=$(echo "$TORCH_CUDA_PIN $DEPS $BASE_VERSION" | sha256sum | cut -c1-12)
+  VENV=${CUDA_VENV:-$CACHE_ROOT/cuda-venv-$KEY}
+  STAMP=$VENV/.fedtreelora-cuda-check-$KEY  # written last: a venv without it is half-built
   PY=$VENV/bin/python
+  mkdir -p "$(dirname "$VENV")"
   if [ ! -f "$STAMP" ]; then
-    say "creating $VENV with $TORCH_CUDA_PIN (about 5 GB, a few minutes, once)"
-    [ -x "$PY" ] || "${PYTHON:-python3}" -m venv "$VENV"
-    "$PY" -m pip install -qq --upgrade pip
-    "$PY" -m pip install -qq "$TORCH_CUDA_PIN" $DEPS
-    touch "$STAMP"
+    exec 9>"$VENV.lock"
+    say "waiting for the lock on $VENV.lock (another clone may be building the venv)"
+    flock 9
+    if [ ! -f "$STAMP" ]; then  # whoever held the lock may have built it meanwhile
+      started=$(date +%s)
+      say "creating $VENV with $TORCH_CUDA_PIN (about 5 GB, a few minutes, once per machine)"
+      rm -rf "$VENV"  # a half-built venv from an interrupted run
+      "$BASE_PY" -m venv "$VENV"
+      "$PY" -m pip install -qq --upgrade pip
+      "$PY" -m pip install -qq "$TORCH_CUDA_PIN" $DEPS
+      touch "$STAMP"
+      say "venv ready in $(( $(date +%s) - started )) s"
+    fi
+    flock -u 9
+    exec 9>&-
+  else
+    say "cached venv $VENV (key $KEY: $TORCH_CUDA_PIN, deps, Python $BASE_VERSION)"
   fi
 fi
 TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__)")
@@ -67,6 +89,7 @@ if [ "${TORCH_CUDA%%.*}" != "${CUDA_VERSION%%.*}" ]; then
   say "FAILED: torch was built with CUDA $TORCH_CUDA but nvcc is CUDA $CUDA_VERSION; the majors must match"
   exit 1
 fi
+if [ "$VENV_ONLY" = 1 ]; then say "OK: venv ready ($PY, torch $TORCH_VERSION, CUDA $TORCH_CUDA)"; exit 0; fi
 # The repo itself is imported from the checkout (no install into the venv, nothing written to the repo).
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
@@ -100,10 +123,12 @@ ARCHS=${CUDA_CHECK_ARCHS:-80 90}
 # --threads 0: nvcc builds the architectures of one file in parallel.
 GENCODE=()
 for arch in $ARCHS; do GENCODE+=(-gencode "arch=compute_$arch,code=sm_$arch"); done
+LAST_ARCH=${ARCHS##* }
+GENCODE+=(-gencode "arch=compute_$LAST_ARCH,code=compute_$LAST_ARCH")  # the PTX that +PTX ships
 NVCC_ARGS=(-O3 -std=c++20 -Xcompiler -fPIC --threads 0 "${GENCODE[@]}" -Icsrc/include "${TORCH_FLAGS[@]}" "${NVTX_FLAGS[@]}"
            -DFEDTREELORA_WITH_CUDA=1 "${STRICT[@]}")
 # A file that passed with exactly these sources, headers and flags is not compiled again.
-PASSED_DIR=${FEDTREELORA_CUDA_CACHE_DIR:-$HOME/.cache/fedtreelora-cuda-check}/nvcc-passed
+PASSED_DIR=${FEDTREELORA_CUDA_CACHE_DIR:-$CACHE_ROOT/cuda-check}/nvcc-passed
 mkdir -p "$PASSED_DIR"
 HEADERS_KEY=$(cat csrc/include/*.h 2>/dev/null | sha256sum | cut -c1-16)
 OBJ_DIR=$(mktemp -d)
@@ -134,8 +159,8 @@ fi
 
 # --- 3. the full JIT build with CUDA on, the CUDA registrations, the CPU tests on that build -------
 export FEDTREELORA_WITH_CUDA=1 FEDTREELORA_REQUIRE_NATIVE=1
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
-export FEDTREELORA_CACHE_DIR=${FEDTREELORA_CUDA_CACHE_DIR:-$HOME/.cache/fedtreelora-cuda-check}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0+PTX"}  # +PTX: newer GPUs JIT the sm_90 PTX
+export FEDTREELORA_CACHE_DIR=${FEDTREELORA_CUDA_CACHE_DIR:-$CACHE_ROOT/cuda-check}
 say "JIT build with CUDA (cache $FEDTREELORA_CACHE_DIR)"
 "$PY" - <<'PY'
 import logging

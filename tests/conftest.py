@@ -10,3 +10,7 @@ settings.register_profile("thorough", max_examples=300, deadline=None, suppress_
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# tests/op_samples.py (the shared sample inputs) is imported by tests here and in tests/cuda.
+import sys  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -191,3 +191,58 @@ def test_bad_shapes_and_dtypes():
         torch.ops.fedtreelora.cut_tree(z, torch.tensor([2], dtype=torch.int32))
     with pytest.raises(ValueError, match="n_clusters"):
         torch.ops.fedtreelora.cut_tree(z, torch.tensor([[2]]))
+
+
+# Ported from scipy's scipy/cluster/tests/test_hierarchy.py (TestIsValidLinkage): every Z that
+# is_valid_linkage refuses, cut_tree refuses too, naming z.
+from scipy.cluster.hierarchy import is_valid_linkage  # noqa: E402
+
+
+def _scipy_z(n: int) -> np.ndarray:
+    return scipy_linkage(pdist(np.random.default_rng(n).normal(size=(n, 2))), "single")
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8, 16])
+def test_valid_linkages_from_scipy_are_accepted(n):
+    z = _scipy_z(n)
+    assert is_valid_linkage(z)
+    assert_same_as_scipy(z, list(range(1, n + 1)))
+
+
+def test_integer_z_is_refused_like_scipy():  # test_is_valid_linkage_int_type
+    z = np.asarray([[0, 1, 3.0, 2], [3, 2, 4.0, 3]], dtype=int)
+    with pytest.raises(TypeError):
+        is_valid_linkage(z, throw=True)
+    for dtype in (torch.int64, torch.float32):
+        with pytest.raises(TypeError, match="float64"):
+            ops.cut_tree(torch.from_numpy(z).to(dtype), [1])
+
+
+@pytest.mark.parametrize("bad_shape", [(0, 4), (3, 3), (3,), (2, 4, 1)])
+def test_bad_shapes_are_refused(bad_shape):  # test_is_valid_linkage_empty and wrong shapes
+    z = np.zeros(bad_shape)
+    if bad_shape == (0, 4):   # scipy refuses an empty Z; ours is the tree of one point
+        with pytest.raises(ValueError):
+            is_valid_linkage(z, throw=True)
+        assert ops.cut_tree(torch.from_numpy(z), [1]).tolist() == [[0]]
+        return
+    with pytest.raises(ValueError):
+        is_valid_linkage(z, throw=True)
+    with pytest.raises(ValueError, match="z must be"):
+        ops.cut_tree(torch.from_numpy(z), [1])
+
+
+@pytest.mark.parametrize("n", [4, 8, 16])
+@pytest.mark.parametrize("edit, message", [
+    (lambda z, i: z.__setitem__((i // 2, 0), -2), "integer|non-negative"),              # negative index
+    (lambda z, i: z.__setitem__((i // 2, 2), -0.5), "non-negative"),                    # negative distance
+    (lambda z, i: z.__setitem__((i // 2, 3), -2), "count"),                             # negative count
+    (lambda z, i: z.__setitem__((i // 2, 0), z.shape[0] + i // 2 + 1), "formed"),       # used before formed
+    (lambda z, i: z.__setitem__((i // 2, 1), z[i // 2, 0]), "more than once"),          # used twice
+], ids=["negative-index", "negative-distance", "negative-count", "used-before-formed", "used-twice"])
+def test_malformed_linkages_are_refused_like_scipy(n, edit, message):
+    z = _scipy_z(n)
+    edit(z, n - 1)
+    assert not is_valid_linkage(z)
+    with pytest.raises(ValueError, match=message):
+        ops.cut_tree(torch.from_numpy(z), [1])

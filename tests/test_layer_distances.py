@@ -279,3 +279,24 @@ def test_non_finite_single_client_is_reported():
     # a lone client's output is the exact-zero diagonal, so ops.py checks x itself there
     with pytest.raises(ValueError, match="client 0"):
         ops.layer_distances(torch.tensor([[float("nan"), 1.0]]), torch.tensor([0, 2]))
+
+
+def test_iris_accuracy_is_the_documented_bound():
+    """Real data (sklearn's iris): float64 x gives scipy's distances to float32 rounding; float32 x
+    stays within the bound the docstring states (sqrt(w) 2**-24 (|a|^2 + |b|^2) / d^2)."""
+    from scipy.spatial.distance import pdist, squareform
+    from sklearn.datasets import load_iris
+    x = load_iris().data
+    offsets = torch.tensor([0, x.shape[1]])
+    ref = squareform(pdist(x))
+    off = ref > 0
+    d64, _ = ops.layer_distances(torch.from_numpy(x), offsets)
+    assert (np.abs(d64[0].double().numpy() - ref)[off] / ref[off]).max() < 1.2e-7
+    x32 = torch.from_numpy(x).float()
+    ref32 = squareform(pdist(x32.double().numpy()))
+    d32, _ = ops.layer_distances(x32, offsets)
+    centred = x32.double().numpy() - x32.double().numpy().mean(0)
+    sq = (centred ** 2).sum(1)
+    bound = np.sqrt(x.shape[1]) * 2.0 ** -24 * (sq[:, None] + sq[None, :]) / np.where(off, ref32, 1) ** 2
+    rel = np.abs(d32[0].double().numpy() - ref32) / np.where(off, ref32, 1)
+    assert (rel[off] <= np.maximum(bound[off], 1.2e-7)).all()

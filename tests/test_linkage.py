@@ -185,3 +185,26 @@ def test_overflowing_distances_raise_instead_of_returning_nan(method):
     d = torch.from_numpy(points_distances(1, 30, 3)) * (1e300 if method == "ward" else 1.7e308 / 10)
     with pytest.raises(ValueError, match="overflow"):
         ops.linkage(d, method)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_integer_distances_are_converted_to_float64(dtype):
+    """The docstring's promise: integer d is converted (exactly) to float64, and equals scipy on it."""
+    d = np.array([[0, 3, 5, 9], [3, 0, 4, 8], [5, 4, 0, 2], [9, 8, 2, 0]])
+    for method in ops.LINKAGE_METHODS:
+        z = ops.linkage(torch.from_numpy(d).to(dtype), method)
+        assert np.array_equal(z.numpy(), scipy_linkage(squareform(d.astype(np.float64)), method))
+    with pytest.raises(TypeError, match="floating-point or integer"):
+        ops.linkage(torch.from_numpy(d) > 0)
+
+
+def test_contract_is_scipys_squareform_checks():
+    """scipy's squareform (is_valid_dm, tol=0) refuses what we refuse: any asymmetry, any diagonal."""
+    from scipy.spatial.distance import is_valid_dm
+    d = points_distances(1, 5, 2)
+    for i, j, delta in ((1, 3, 1e-12), (2, 2, 1e-300)):
+        bad = d.copy()
+        bad[i, j] += delta
+        assert not is_valid_dm(bad)
+        with pytest.raises(ValueError, match="symmetric" if i != j else "diagonal"):
+            ops.linkage(torch.from_numpy(bad))

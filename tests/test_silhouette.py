@@ -192,8 +192,12 @@ def test_empty_batches():
 # ---------------------------------------------------------------------------------------------
 # Bad input: a clear exception naming the argument, from the wrapper and from the kernel itself.
 
+def valid_d(n_layers: int = 2, n: int = 4, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    return torch.from_numpy(random_distances(np.random.default_rng(seed), n_layers, n, "points")).to(dtype)
+
+
 def test_wrapper_rejects_bad_input():
-    d = torch.rand(2, 4, 4)
+    d = valid_d()
     labels = torch.zeros(2, 3, 4, dtype=torch.int64)
     with pytest.raises(ValueError, match="labels must lie in"):
         ops.silhouette(d, torch.full((2, 3, 4), 4, dtype=torch.int64))
@@ -201,8 +205,8 @@ def test_wrapper_rejects_bad_input():
         ops.silhouette(d, torch.full((2, 3, 4), -1, dtype=torch.int64))
     with pytest.raises(TypeError, match="labels must be int64"):
         ops.silhouette(d, labels.to(torch.int32))
-    with pytest.raises(TypeError, match="d must be a floating-point"):
-        ops.silhouette(d.to(torch.int64), labels)
+    with pytest.raises(TypeError, match="d must be a floating-point or integer"):
+        ops.silhouette(d > 0, labels)
     with pytest.raises(ValueError, match=r"d must be \[L, N, N\]"):
         ops.silhouette(torch.rand(2, 4, 5), labels)
     with pytest.raises(ValueError, match="labels must be"):
@@ -210,22 +214,86 @@ def test_wrapper_rejects_bad_input():
     with pytest.raises(ValueError, match="labels must have one entry per client"):
         ops.silhouette(d, torch.zeros(2, 3, 5, dtype=torch.int64))
     bad = d.clone()
-    bad[1, 2, 3] = float("nan")
+    bad[1, 2, 3] = bad[1, 3, 2] = float("nan")
     with pytest.raises(ValueError, match=r"d has a NaN or Inf entry at layer 1, \[2, 3\]"):
         ops.silhouette(bad, labels)
-    bad[0, 3, 0] = float("-inf")      # the first bad entry is reported, whatever the partitions are
+    bad[0, 3, 0] = bad[0, 0, 3] = float("-inf")      # the first bad entry is reported, whatever the partitions are
     for lab in (labels, torch.zeros(2, 0, 4, dtype=torch.int64), torch.tensor([0, 1, 0, 1]).repeat(2, 1, 1)):
-        with pytest.raises(ValueError, match=r"d has a NaN or Inf entry at layer 0, \[3, 0\]"):
+        with pytest.raises(ValueError, match=r"d has a NaN or Inf entry at layer 0, \[0, 3\]"):
             ops.silhouette(bad, lab)
-        with pytest.raises(ValueError, match=r"d has a NaN or Inf entry at layer 0, \[3, 0\]"):
+        with pytest.raises(ValueError, match=r"d has a NaN or Inf entry at layer 0, \[0, 3\]"):
             ops.silhouette(bad.half(), lab)
+
+
+# Ported from scikit-learn's sklearn/metrics/cluster/tests/test_unsupervised.py: what sklearn refuses
+# (non-zero diagonal, negative distances) we refuse too, naming d; integer d is accepted as float64.
+def test_non_zero_diagonal_is_refused_like_sklearn():
+    # test_silhouette_nonzero_diag: a diagonal of 10 * eps passes, 1000 * eps does not.
+    for dtype in (np.float32, np.float64):
+        dists = np.array([[0.0, 0.1, 0.2], [0.1, 0.0, 0.3], [0.2, 0.3, 0.0]], dtype=dtype)
+        labels = np.array([0, 0, 1])
+        eps = np.finfo(dtype).eps
+        small = dists + 10 * eps * np.eye(3, dtype=dtype)
+        want = silhouette_score(small, labels, metric="precomputed")
+        got = ops.silhouette(torch.from_numpy(small), torch.from_numpy(labels)[None])
+        assert got.item() == pytest.approx(want, abs=TOL)
+        large = dists + 1000 * eps * np.eye(3, dtype=dtype)
+        with pytest.raises(ValueError, match="contains non-zero"):
+            silhouette_score(large, labels, metric="precomputed")
+        with pytest.raises(ValueError, match=r"d must have a zero diagonal.*d\[0, 0\]"):
+            ops.silhouette(torch.from_numpy(large), torch.from_numpy(labels)[None])
+
+
+def test_negative_distances_are_refused_like_sklearn():
+    # test_silhouette_reduce / test_non_numpy_labels' neighbour: precomputed d with a negative entry.
+    d = valid_d(1, 5).numpy()[0]
+    d[1, 3] = d[3, 1] = -0.5
+    labels = np.array([0, 0, 1, 1, 2])
+    with pytest.raises(ValueError, match="Negative values"):
+        silhouette_score(d, labels, metric="precomputed")
+    with pytest.raises(ValueError, match=r"d has a negative distance at layer 0, \[1, 3\]: -0.5"):
+        ops.silhouette(torch.from_numpy(d), torch.from_numpy(labels)[None])
+
+
+def test_asymmetric_distances_are_refused_beyond_roundoff():
+    d = valid_d(2, 20, seed=3, dtype=torch.float64)
+    labels = torch.from_numpy(random_labels(np.random.default_rng(3), 2, 2, 20))
+    nudged = d.clone()
+    nudged[1, 4, 9] *= 1 + 1e-7                    # round-off: accepted, and still sklearn's answer
+    assert_matches_sklearn(nudged, labels)
+    bad = d.clone()
+    bad[1, 17, 2] *= 1 + 1e-3                      # beyond round-off: refused, naming the pair
+    for dt in (torch.float64, torch.float32):
+        with pytest.raises(ValueError, match=r"d must be symmetric up to round-off.*layer 1, d\[2, 17\]"):
+            ops.silhouette(bad.to(dt), labels)
+
+
+def test_integer_distances_are_converted_to_float64():
+    # test_correct_labelsize's data as integers: sklearn accepts them, so do we.
+    d = np.array([[0, 2, 7, 8], [2, 0, 6, 9], [7, 6, 0, 1], [8, 9, 1, 0]])
+    labels = np.array([[0, 0, 1, 1], [0, 1, 1, 1]])
+    for dt in (torch.int64, torch.int32, torch.uint8):
+        got = ops.silhouette(torch.from_numpy(d).to(dt), torch.from_numpy(labels))
+        want = [silhouette_score(d, lab, metric="precomputed") for lab in labels]
+        np.testing.assert_allclose(got.numpy(), want, atol=TOL)
+    with pytest.raises(ValueError, match="zero diagonal"):
+        ops.silhouette(torch.from_numpy(d + np.eye(4, dtype=d.dtype)), torch.from_numpy(labels))
+
+
+def test_label_count_outside_2_to_n_minus_1_is_nan_where_sklearn_raises():
+    # test_correct_labelsize: one label, or as many labels as samples, is a ValueError in sklearn.
+    d = valid_d(1, 5)[0]
+    for labels in ([0, 0, 0, 0, 0], [0, 1, 2, 3, 4]):
+        with pytest.raises(ValueError, match="Number of labels is"):
+            silhouette_score(d.numpy(), labels, metric="precomputed")
+        assert torch.isnan(ops.silhouette(d, torch.tensor([labels]))).all()
 
 
 @pytest.mark.skipif(not ops.native_available(), reason="the native core is not loaded")
 def test_kernel_rejects_bad_input():
     """Called through torch.ops directly (no wrapper), the kernel refuses instead of reading out of bounds."""
     kernel = torch.ops.fedtreelora.silhouette
-    d = torch.rand(2, 4, 4)
+    d = valid_d()
     with pytest.raises(ValueError, match=r"labels must lie in \[0, N\) with N=4, found 9 at \[1, 0, 2\]"):
         kernel(d, torch.tensor([[[0, 1, 0, 1]], [[0, 1, 9, 1]]]))
     with pytest.raises(ValueError, match="labels must be"):
@@ -238,3 +306,31 @@ def test_kernel_rejects_bad_input():
     bad[1, 0, 3] = float("inf")
     with pytest.raises(ValueError, match=r"d has a NaN or Inf entry at layer 1, \[0, 3\]"):
         kernel(bad, torch.tensor([0, 1, 0, 1]).repeat(2, 1, 1))
+    for what, edit in (("negative distance", lambda t: t.__setitem__((0, 1, 2), -1.0)),
+                       ("zero diagonal", lambda t: t.__setitem__((0, 2, 2), 0.5)),
+                       ("symmetric up to round-off", lambda t: t.__setitem__((0, 3, 1), t[0, 3, 1] + 1))):
+        bad = d.clone()
+        edit(bad)
+        with pytest.raises(ValueError, match=what):
+            kernel(bad, torch.tensor([0, 1, 0, 1]).repeat(2, 1, 1))
+
+
+@pytest.mark.parametrize("n", [15, 16, 17, 33, 100])
+def test_tile_edges_and_every_pair_checked(n):
+    """The kernel reads d in 16 x 16 tile pairs: sizes around the tile width, and an asymmetry or a
+    negative entry planted in every tile position is found."""
+    rng = np.random.default_rng(n)
+    d = torch.from_numpy(random_distances(rng, 2, n, "points")).float()
+    labels = torch.from_numpy(random_labels(rng, 2, 3, n))
+    assert_matches_sklearn(d, labels)
+    for i, j in {(0, n - 1), (n - 1, 0), (n // 2, n // 3), (n - 1, n - 2), (n - 2, n - 1)}:
+        if i == j:
+            continue
+        bad = d.clone()
+        bad[1, i, j] += 1.0
+        with pytest.raises(ValueError, match=rf"symmetric up to round-off.*layer 1, d\[{min(i, j)}, {max(i, j)}\]"):
+            ops.silhouette(bad, labels)
+        bad = d.clone()
+        bad[0, i, j] = bad[0, j, i] = -1e-30
+        with pytest.raises(ValueError, match=rf"negative distance at layer 0, \[{min(i, j)}, {max(i, j)}\]"):
+            ops.silhouette(bad, labels)

@@ -14,6 +14,7 @@
 
 #include "nvtx_range.h"
 #include "op_checks.h"
+#include "tree_reduce_groups.h"
 #include "tree_reduce_math.h"
 
 namespace fedtreelora {
@@ -28,45 +29,30 @@ struct Chunk {
   int64_t layer, begin, end;
 };
 
-// Per layer: the clients grouped by cluster (a stable counting sort), cluster c's members being
-// members[start[c] : start[c + 1]], and each cluster's summed weight.
-struct LayerClusters {
-  std::vector<int32_t> members;  // [L, N]
-  std::vector<int64_t> start;    // [L, C + 1]
-  std::vector<double> weight;    // [L, C]
-  std::vector<double> total;     // [L]
-};
-
-LayerClusters group_clients(const int64_t* labels, const double* weights, int64_t n_layers, int64_t n,
-                            int64_t n_clusters) {
-  LayerClusters lc{std::vector<int32_t>(n_layers * n), std::vector<int64_t>(n_layers * (n_clusters + 1), 0),
-                   std::vector<double>(n_layers * n_clusters, 0.0), std::vector<double>(n_layers, 0.0)};
-  for (int64_t k = 0; k < n; ++k)
-    TORCH_CHECK_VALUE(std::isfinite(weights[k]) && weights[k] > 0, "tree_reduce: weights must be finite and > 0, client ",
-                      k, " has weight ", weights[k]);
-  std::vector<int64_t> next(n_clusters);
-  for (int64_t l = 0; l < n_layers; ++l) {
-    const int64_t* lab = labels + l * n;
-    int64_t* start = lc.start.data() + l * (n_clusters + 1);
-    for (int64_t k = 0; k < n; ++k) {
-      TORCH_CHECK_VALUE(lab[k] >= 0 && lab[k] < n_clusters, "tree_reduce: labels must lie in [0, n_clusters=",
-                        n_clusters, "), client ", k, " has label ", lab[k], " in layer ", l);
-      ++start[lab[k] + 1];
-      lc.weight[l * n_clusters + lab[k]] += weights[k];
-      lc.total[l] += weights[k];
-    }
-    for (int64_t c = 0; c < n_clusters; ++c) start[c + 1] += start[c];
-    std::copy(start, start + n_clusters, next.begin());
-    for (int64_t k = 0; k < n; ++k) lc.members[l * n + next[lab[k]]++] = static_cast<int32_t>(k);
-  }
-  return lc;
-}
-
-// dst[j] += sum over the given rows of w_i * x_i[j]. Four clients per pass: the accumulator row is
-// loaded and stored once per four rows of x read.
+// dst[j] += sum over the given rows of w_i * x_i[j]. Eight clients per pass: the accumulator row is
+// loaded and stored once per eight rows of x read (then four, then one for the rest).
 template <typename scalar_t>
-void add_weighted_rows(const scalar_t* const* x, const double* w, int64_t count, double* __restrict__ dst, int64_t width) {
+__attribute__((always_inline)) inline void add_weighted_rows_impl(const scalar_t* const* x, const double* w,
+                                                                  int64_t count, double* __restrict__ dst,
+                                                                  int64_t width) {
   int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const scalar_t* __restrict__ x0 = x[i];
+    const scalar_t* __restrict__ x1 = x[i + 1];
+    const scalar_t* __restrict__ x2 = x[i + 2];
+    const scalar_t* __restrict__ x3 = x[i + 3];
+    const scalar_t* __restrict__ x4 = x[i + 4];
+    const scalar_t* __restrict__ x5 = x[i + 5];
+    const scalar_t* __restrict__ x6 = x[i + 6];
+    const scalar_t* __restrict__ x7 = x[i + 7];
+    const double w0 = w[i], w1 = w[i + 1], w2 = w[i + 2], w3 = w[i + 3];
+    const double w4 = w[i + 4], w5 = w[i + 5], w6 = w[i + 6], w7 = w[i + 7];
+    for (int64_t j = 0; j < width; ++j)
+      dst[j] += ((w0 * static_cast<double>(x0[j]) + w1 * static_cast<double>(x1[j])) +
+                 (w2 * static_cast<double>(x2[j]) + w3 * static_cast<double>(x3[j]))) +
+                ((w4 * static_cast<double>(x4[j]) + w5 * static_cast<double>(x5[j])) +
+                 (w6 * static_cast<double>(x6[j]) + w7 * static_cast<double>(x7[j])));
+  }
   for (; i + 4 <= count; i += 4) {
     const scalar_t* __restrict__ x0 = x[i];
     const scalar_t* __restrict__ x1 = x[i + 1];
@@ -83,6 +69,24 @@ void add_weighted_rows(const scalar_t* const* x, const double* w, int64_t count,
     for (int64_t j = 0; j < width; ++j) dst[j] += wi * static_cast<double>(xi[j]);
   }
 }
+
+// Compiled for AVX2 as well as the baseline ISA, picked at load time (GCC's target_clones on x86-64
+// Linux): the loop is convert + multiply-add bound at 2 doubles per SSE2 instruction.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define FEDTREELORA_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FEDTREELORA_CLONES
+#endif
+#define FEDTREELORA_ADD_ROWS(scalar_t)                                                                        \
+  FEDTREELORA_CLONES void add_weighted_rows(const scalar_t* const* x, const double* w, int64_t count,       \
+                                            double* __restrict__ dst, int64_t width) {                        \
+    add_weighted_rows_impl(x, w, count, dst, width);                                                          \
+  }
+FEDTREELORA_ADD_ROWS(float)
+FEDTREELORA_ADD_ROWS(double)
+FEDTREELORA_ADD_ROWS(at::Half)
+FEDTREELORA_ADD_ROWS(at::BFloat16)
+#undef FEDTREELORA_ADD_ROWS
 
 std::vector<Chunk> column_chunks(const int64_t* offsets, int64_t n_layers, int64_t n_clusters) {
   const int64_t budget = kAccumulatorBytes / (static_cast<int64_t>(sizeof(double)) * (n_clusters + 1));

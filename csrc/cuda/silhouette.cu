@@ -2,13 +2,17 @@
 // per cluster into float64 shared memory (atomic adds; labels index the slots directly, in tiles of
 // kSlots labels when N is larger), then takes a = own cluster's mean and b = the nearest other
 // cluster's mean, and writes s_i; the mean over clients and the NaN of undefined partitions are
-// ATen reductions. The per-client formula is shared with the CPU kernel (silhouette_math.h).
+// ATen reductions. The per-client formula is shared with the CPU kernel (silhouette_math.h). A NaN in
+// d propagates into the score (the Python wrapper refuses d outside its contract before the launch,
+// with the same checks and messages as the CPU kernel's pass).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <math_constants.h>
 
 #include <cmath>
 #include <limits>
@@ -23,15 +27,18 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kSlots = 4096;  // float64 cluster sums per tile: 32 KiB of shared memory
 
+// min that propagates NaN (fmin drops it): a NaN in d must reach the score, never be skipped.
+__device__ inline double nan_min(double a, double b) { return (a != a || b != b) ? CUDART_NAN : (a < b ? a : b); }
+
 // Minimum over the block; every thread gets the result. `scratch` holds one value per warp.
 __device__ inline double block_min(double v, double* scratch) {
-  for (int offset = 16; offset > 0; offset /= 2) v = fmin(v, __shfl_down_sync(0xffffffffu, v, offset));
+  for (int offset = 16; offset > 0; offset /= 2) v = nan_min(v, __shfl_down_sync(0xffffffffu, v, offset));
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   if (warp == 0) {
     v = lane < static_cast<int>(blockDim.x) / 32 ? scratch[lane] : INFINITY;
-    for (int offset = 16; offset > 0; offset /= 2) v = fmin(v, __shfl_down_sync(0xffffffffu, v, offset));
+    for (int offset = 16; offset > 0; offset /= 2) v = nan_min(v, __shfl_down_sync(0xffffffffu, v, offset));
     if (lane == 0) scratch[0] = v;
   }
   __syncthreads();
@@ -71,7 +78,7 @@ __global__ void __launch_bounds__(kThreads) silhouette_kernel(const scalar_t* __
     __syncthreads();
     for (int64_t c = t0 + threadIdx.x; c < t1; c += blockDim.x) {
       if (c == own) own_sum = sums[c - t0];
-      else if (size[c] > 0) b = fmin(b, sums[c - t0] / static_cast<double>(size[c]));
+      else if (size[c] > 0) b = nan_min(b, sums[c - t0] / static_cast<double>(size[c]));
     }
     __syncthreads();
   }

@@ -1,6 +1,6 @@
 // tree_reduce on CUDA: one thread per column. Consecutive threads own consecutive columns, so each
 // client's row of x is read once and coalesced. Clients are visited cluster by cluster (grouped once
-// per layer by a stable sort of the labels), so each cluster's weighted sum builds up in a float64
+// per layer on the host, as the CPU kernel does), so each cluster's weighted sum builds up in a float64
 // register; the C sums of a column wait in shared memory (or a global workspace when C is too large
 // for it) until the column total is known. The per-cluster means are the same arithmetic as on CPU
 // (tree_reduce_math.h).
@@ -11,10 +11,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "nvtx_range.h"
 #include "op_checks.h"
+#include "tree_reduce_groups.h"
 #include "tree_reduce_math.h"
 
 namespace fedtreelora {
@@ -35,7 +37,7 @@ __device__ inline int64_t layer_of(const int64_t* offsets, int64_t n_layers, int
 }
 
 template <typename scalar_t>
-__global__ void tree_reduce_kernel(const scalar_t* __restrict__ x, int64_t row_stride, int64_t n, int64_t p,
+__global__ void __launch_bounds__(kMaxThreads) tree_reduce_kernel(const scalar_t* __restrict__ x, int64_t row_stride, int64_t n, int64_t p,
                                    const int64_t* __restrict__ offsets, int64_t n_layers,
                                    const int64_t* __restrict__ members, const double* __restrict__ member_weight,
                                    const int64_t* __restrict__ start, const double* __restrict__ cluster_weight,
@@ -83,30 +85,42 @@ std::tuple<at::Tensor, at::Tensor> tree_reduce_cuda(const at::Tensor& x, const a
   const std::vector<int64_t> offsets = check_tree_reduce_args(x, layer_offsets, labels, weights, n_clusters);
   const int64_t n = x.size(0), p = x.size(1), n_layers = static_cast<int64_t>(offsets.size()) - 1;
   const int64_t* o = offsets.data();
-  const at::Tensor lab = labels.contiguous();
-  if (lab.numel() > 0) {
-    const auto [lo, hi] = at::aminmax(lab);
-    const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
-    TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < n_clusters, "tree_reduce: labels must lie in [0, n_clusters=", n_clusters,
-                      "), found ", lo_v < 0 ? lo_v : hi_v);
+  // The clients grouped by cluster on the host, as on CPU (tree_reduce_groups.h: deterministic, and
+  // it refuses bad labels and weights with the CPU's messages): one device-to-host copy of labels and
+  // weights and one stream sync, then one upload of the groups. No ATen sort/scatter kernels, no
+  // atomics, no further syncs.
+  const auto pinned = at::TensorOptions().device(at::kCPU).pinned_memory(true);
+  at::Tensor lab_host = at::empty(labels.sizes(), pinned.dtype(at::kLong));
+  at::Tensor w_host = at::empty(weights.sizes(), pinned.dtype(at::kDouble));
+  lab_host.copy_(labels, /*non_blocking=*/true);
+  w_host.copy_(weights, /*non_blocking=*/true);
+  at::cuda::getCurrentCUDAStream().synchronize();
+  const LayerClusters lc = group_clients(lab_host.data_ptr<int64_t>(), w_host.data_ptr<double>(), n_layers, n, n_clusters);
+  // int64 block: members [L, N], start [L, C + 1], offsets [L + 1]; double block: member weights
+  // [L, N], cluster weights [L, C], total weights [L].
+  const int64_t n_ints = n_layers * n + n_layers * (n_clusters + 1) + n_layers + 1;
+  const int64_t n_doubles = n_layers * n + n_layers * n_clusters + n_layers;
+  at::Tensor ints = at::empty({n_ints}, pinned.dtype(at::kLong));
+  at::Tensor doubles = at::empty({n_doubles}, pinned.dtype(at::kDouble));
+  int64_t* ip = ints.data_ptr<int64_t>();
+  double* dp = doubles.data_ptr<double>();
+  const double* wh = w_host.data_ptr<double>();
+  for (int64_t t = 0; t < n_layers * n; ++t) {
+    ip[t] = lc.members[t];
+    dp[t] = wh[lc.members[t]];
   }
-  const at::Tensor w = weights.contiguous();
-  const at::Tensor bad_weight = at::logical_not(at::isfinite(w)).logical_or_(w <= 0);
-  if (bad_weight.any().item<bool>()) {
-    const int64_t k = bad_weight.nonzero()[0][0].item<int64_t>();
-    TORCH_CHECK_VALUE(false, "tree_reduce: weights must be finite and > 0, client ", k, " has weight ", w[k].item<double>());
-  }
-
-  // Per layer: the clients grouped by cluster (a stable sort of the labels), cluster c's members being
-  // members[start[c] : start[c + 1]], their weights in that order, and each cluster's summed weight.
-  const at::Tensor members = std::get<1>(at::sort(lab, /*stable=*/true, /*dim=*/1, /*descending=*/false)).contiguous();
-  const at::Tensor member_weight = w.take(members);
-  const at::Tensor cluster_count = at::zeros({n_layers, n_clusters}, lab.options()).scatter_add_(1, lab, at::ones_like(lab));
-  const at::Tensor start = at::cat({at::zeros({n_layers, 1}, lab.options()), cluster_count.cumsum(1)}, 1).contiguous();
-  const at::Tensor cluster_weight =
-      at::zeros({n_layers, n_clusters}, w.options()).scatter_add_(1, lab, w.unsqueeze(0).expand({n_layers, n}));
-  const at::Tensor total_weight = cluster_weight.sum(1);
-  const at::Tensor off_dev = layer_offsets.contiguous();
+  std::copy(lc.start.begin(), lc.start.end(), ip + n_layers * n);
+  std::copy(o, o + n_layers + 1, ip + n_layers * n + n_layers * (n_clusters + 1));
+  std::copy(lc.weight.begin(), lc.weight.end(), dp + n_layers * n);
+  std::copy(lc.total.begin(), lc.total.end(), dp + n_layers * n + n_layers * n_clusters);
+  const at::Tensor ints_dev = ints.to(x.device(), /*non_blocking=*/true);  // pinned: the caching host
+  const at::Tensor doubles_dev = doubles.to(x.device(), /*non_blocking=*/true);  // allocator keeps them alive
+  const int64_t* members = ints_dev.data_ptr<int64_t>();
+  const int64_t* start = members + n_layers * n;
+  const int64_t* off_dev = start + n_layers * (n_clusters + 1);
+  const double* member_weight = doubles_dev.data_ptr<double>();
+  const double* cluster_weight = member_weight + n_layers * n;
+  const double* total_weight = cluster_weight + n_layers * n_clusters;
 
   const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();  // rows may be strided, columns not
   at::Tensor cluster = at::empty({n_clusters, p}, x.options());
@@ -125,9 +139,8 @@ std::tuple<at::Tensor, at::Tensor> tree_reduce_cuda(const at::Tensor& x, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tree_reduce_cuda", [&] {
     tree_reduce_kernel<scalar_t><<<static_cast<unsigned int>(blocks), threads, shared_bytes,
                                    at::cuda::getCurrentCUDAStream()>>>(
-        xs.data_ptr<scalar_t>(), xs.stride(0), n, p, off_dev.data_ptr<int64_t>(), n_layers, members.data_ptr<int64_t>(),
-        member_weight.data_ptr<double>(), start.data_ptr<int64_t>(), cluster_weight.data_ptr<double>(),
-        total_weight.data_ptr<double>(), n_clusters, shared ? nullptr : workspace.data_ptr<double>(),
+        xs.data_ptr<scalar_t>(), xs.stride(0), n, p, off_dev, n_layers, members, member_weight, start, cluster_weight,
+        total_weight, n_clusters, shared ? nullptr : workspace.data_ptr<double>(),
         cluster.data_ptr<scalar_t>(), external.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

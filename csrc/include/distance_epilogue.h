@@ -29,15 +29,16 @@ FEDTREELORA_HD inline T cosine_distance(T sq_a, T sq_b, T dot) {
   return d < T(0) ? T(0) : (d > T(2) ? T(2) : d);
 }
 
-// Distance (i, j) from a row-major [n, n] Gram matrix. Both (i, j) and (j, i) read the upper
-// triangle, so the result is symmetric to the bit even where the GEMM's two triangles differ;
-// the diagonal is exactly 0.
+// Distance (i, j) from a row-major [n, n] Gram matrix, computed in double whatever the Gram's dtype
+// (|a|^2 + |b|^2 - 2ab cancels: no further rounding on top of the GEMM's). Both (i, j) and (j, i)
+// read the upper triangle, so the result is symmetric to the bit even where the GEMM's two
+// triangles differ; the diagonal is exactly 0.
 template <typename T>
-FEDTREELORA_HD inline T pair_distance(const T* gram, int64_t n, int64_t i, int64_t j, bool cosine) {
-  if (i == j) return T(0);
+FEDTREELORA_HD inline double pair_distance(const T* gram, int64_t n, int64_t i, int64_t j, bool cosine) {
+  if (i == j) return 0.0;
   const int64_t a = i < j ? i : j;
   const int64_t b = i < j ? j : i;
-  const T sq_a = gram[a * n + a], sq_b = gram[b * n + b], dot = gram[a * n + b];
+  const double sq_a = gram[a * n + a], sq_b = gram[b * n + b], dot = gram[a * n + b];
   return cosine ? cosine_distance(sq_a, sq_b, dot) : frobenius_distance(sq_a, sq_b, dot);
 }
 

@@ -1,5 +1,6 @@
-// Silhouette of one client from its summed distances to every cluster; shared by the CPU and CUDA
-// kernels so that both follow sklearn's definition (metrics.silhouette_samples) to the letter.
+// Silhouette of one client from its summed distances to every cluster, and the input contract on d;
+// shared by the CPU and CUDA kernels so that both follow sklearn's definition
+// (metrics.silhouette_samples) to the letter and refuse the same distance matrices.
 #pragma once
 
 #include <cstdint>
@@ -20,6 +21,21 @@ FEDTREELORA_HD inline double silhouette_from_means(double a, double b, int64_t o
 // The partition is scored only when 2 <= distinct labels <= N - 1 (sklearn raises otherwise).
 FEDTREELORA_HD inline bool silhouette_defined(int64_t n_labels, int64_t n) {
   return n_labels >= 2 && n_labels <= n - 1;
+}
+
+// The contract on d, checked in the kernels' one pass over it:
+// - finite and >= 0 (sklearn's check_array and "Negative values in data passed to precomputed
+//   distance matrix");
+// - a diagonal within 100 machine epsilons of the input dtype of 0 (sklearn's silhouette_samples:
+//   atol = np.finfo(X.dtype).eps * 100; an integer d is converted exactly, so its diagonal must be 0);
+// - symmetric up to round-off, with sklearn's check_symmetric tolerance: np.allclose(d, d.T,
+//   atol=1e-10), i.e. |d[i, j] - d[j, i]| <= 1e-10 + 1e-5 * |d[j, i]| for every (i, j), so the smaller
+//   of the two magnitudes. T is the precision the kernel compares in (float for 32- and 16-bit input).
+template <typename T>
+FEDTREELORA_HD inline bool symmetric_within_roundoff(T a, T b) {
+  const T lo = a < b ? a : b;
+  const T diff = a > b ? a - b : b - a;
+  return diff <= T(1e-10) + T(1e-5) * (lo < T(0) ? -lo : lo);
 }
 
 }  // namespace fedtreelora

@@ -137,9 +137,10 @@ def test_silhouette_matches_cpu(cuda, n, n_layers, n_partitions, max_clusters, d
 
 
 # ----------------------------------------------------------------------------------------- tree_reduce
-# (rtol, atol): float32 accumulation on the device against float64 on the host, then one rounding to
-# the output dtype on each side (up to one ulp apart for half types).
-_REDUCE_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-4), torch.bfloat16: (1.6e-2, 2e-3)}
+# (rtol, atol): float64 accumulation on both sides (only the order differs), then one rounding to the
+# output dtype on each side: one ulp of that dtype apart at most.
+_REDUCE_TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-10, 1e-10), torch.float16: (2 ** -10, 2 ** -10),
+               torch.bfloat16: (2 ** -7, 2 ** -7)}
 
 
 def _check_tree_reduce(x, offsets, labels, weights, device):
@@ -171,8 +172,8 @@ def _check_tree_reduce(x, offsets, labels, weights, device):
 def test_tree_reduce_matches_cpu(cuda, n, widths, max_clusters, dtype, seed):
     x, offsets = _rows(n, widths, dtype, seed)
     labels = _labels(len(widths), n, min(max_clusters, n), seed)
-    # Sample counts within a factor 10: the device accumulates in float32, and external means come
-    # from (total - cluster) sums, whose rounding grows with the spread of the weights.
+    # Sample counts within a factor 10: external means come from (total - cluster) sums, whose
+    # rounding grows with the spread of the weights.
     weights = torch.rand(n, generator=torch.Generator().manual_seed(seed)) * 9 + 1
     _check_tree_reduce(x, offsets, labels, weights, cuda)
 
@@ -230,3 +231,120 @@ def test_outputs_stay_on_a_second_device():
         cluster, external = ops.tree_reduce(x.to(second), offsets.to(second), labels.to(second), weights.to(second))
     _assert_on(second, per_layer, mean, z, cut, score, cluster, external)
     torch.testing.assert_close(cluster.cpu(), ops.tree_reduce(x, offsets, labels, weights)[0], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------- shared samples, opcheck, streams
+from op_samples import OPS as SAMPLE_OPS, sample_inputs  # noqa: E402
+
+
+def _compare_outputs(got, want, dtype):
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    for g, w in zip(got, want):
+        g = g.cpu()
+        if not g.is_floating_point():
+            assert torch.equal(g, w)
+            continue
+        # one ulp of the output dtype (float64 accumulation on both sides; only the order differs)
+        tol = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}.get(g.dtype, 1e-5)
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("op", SAMPLE_OPS)
+def test_every_sample_matches_cpu_and_passes_opcheck(cuda, op):
+    kernel = getattr(torch.ops.fedtreelora, op)
+    for dev_args, cpu_args in zip(sample_inputs(op, cuda), sample_inputs(op, "cpu")):
+        got, want = kernel(*dev_args), kernel(*cpu_args)
+        if op == "tree_reduce":  # rows of labels absent from a layer are unspecified: compare the present ones
+            x, off, labels = cpu_args[:3]
+            bounds = off.tolist()
+            for l in range(labels.shape[0]):
+                present = labels[l].unique()
+                for g, w in zip(got, want):
+                    _compare_outputs(g.cpu()[present, bounds[l]:bounds[l + 1]], w[present, bounds[l]:bounds[l + 1]], x.dtype)
+        else:
+            _compare_outputs(got, want, None)
+        if not (op == "silhouette" and bool(want.isnan().any())):
+            torch.library.opcheck(kernel, dev_args)
+
+
+def test_non_default_stream(cuda):
+    """Kernels launch on the current stream: work queued on a side stream sees its inputs, in order."""
+    stream = torch.cuda.Stream()
+    x, offsets = _rows(50, [64, 30], seed=5)
+    labels = _labels(2, 50, 4, seed=5)
+    weights = torch.rand(50, dtype=torch.float64) + 1
+    with torch.cuda.stream(stream):
+        xd = x.to(cuda, non_blocking=True).mul_(2)  # queued on the side stream, before the ops
+        per_layer, _ = ops.layer_distances(xd, offsets.to(cuda))
+        scores = ops.silhouette(per_layer, labels[:, None].repeat(1, 2, 1).to(cuda))
+        cluster, _ = ops.tree_reduce(xd, offsets.to(cuda), labels.to(cuda), weights.to(cuda))
+    stream.synchronize()
+    ref_layers, _ = ops.layer_distances(2 * x, offsets)
+    torch.testing.assert_close(per_layer.cpu(), ref_layers, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scores.cpu(), ops.silhouette(ref_layers, labels[:, None].repeat(1, 2, 1)), rtol=1e-5,
+                               atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(cluster.cpu(), ops.tree_reduce(2 * x, offsets, labels, weights)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_tf32_on_does_not_change_distances(cuda):
+    """The Gram runs in full float32 even with TF32 on (HF Trainer's tf32=True), and the caller's
+    setting is restored afterwards."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 2048, generator=gen)
+    x = base + 1e-3 * torch.randn(40, 2048, generator=gen)  # near-identical clients: the normal case
+    offsets = torch.tensor([0, 1024, 2048])
+    ref_layers, _ = ops.layer_distances(x.double(), offsets)
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+        per_layer, _ = ops.layer_distances(x.to(cuda), offsets.to(cuda))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, precision = before
+        torch.set_float32_matmul_precision(precision)
+    off_diag = ~torch.eye(40, dtype=torch.bool)
+    rel = (per_layer.cpu().double() - ref_layers.double()).abs()[:, off_diag] / ref_layers.double()[:, off_diag]
+    assert float(rel.max()) < 1e-3  # TF32 would be off by ~1e-1 here
+
+
+def test_float64_layer_distances_and_tree_reduce(cuda):
+    x, offsets = _rows(30, [17, 200], torch.float64, seed=9)
+    _check_distances(x, offsets, "frobenius", cuda, rtol=1e-6)
+    _check_distances(x, offsets, "cosine", cuda, rtol=1e-6)
+    _check_tree_reduce(x, offsets, _labels(2, 30, 4, seed=9), torch.rand(30, dtype=torch.float64) + 1, cuda)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_silhouette(cuda, dtype):
+    x, offsets = _rows(40, [8, 8], seed=11)
+    d, _ = ops.layer_distances(x, offsets)
+    d = d.to(dtype)
+    labels = torch.stack([_labels(3, 40, 5, seed=11 + l) for l in range(2)])
+    torch.testing.assert_close(ops.silhouette(d.to(cuda), labels.to(cuda)).cpu(), ops.silhouette(d, labels),
+                               rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_tree_reduce_workspace_path_and_row_strided_x(cuda):
+    """C > 192 clusters: the accumulators live in the global workspace; x a row-strided view (its
+    columns unit-stride, rows a slice of a wider tensor), read without a copy."""
+    n = 400
+    wide, offsets = _rows(n, [300, 212], seed=12)
+    x = wide[:, :400]
+    offsets = torch.tensor([0, 300, 400])
+    assert x.stride() == (512, 1)
+    labels = torch.stack([torch.arange(n) % 250, torch.arange(n) % 7])
+    _check_tree_reduce(x, offsets, labels, torch.rand(n, dtype=torch.float64) + 1, cuda)
+
+
+def test_silhouette_label_tiles_beyond_4096(cuda):
+    """N > 4096 clients: labels beyond the kernel's shared-memory tile of 4096 cluster slots."""
+    n = 4200
+    gen = torch.Generator().manual_seed(13)
+    pts = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    d = torch.cdist(pts, pts)
+    d = ((d + d.T) / 2).fill_diagonal_(0).float()[None]
+    labels = torch.stack([torch.arange(n) % 4150, torch.randint(0, 4, (n,), generator=gen) * 1300])[None]
+    torch.testing.assert_close(ops.silhouette(d.to(cuda), labels.to(cuda)).cpu(), ops.silhouette(d, labels),
+                               rtol=1e-5, atol=1e-5)
