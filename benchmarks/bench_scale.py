@@ -238,7 +238,8 @@ def run(args) -> dict:
             "gemm_layers": args.gemm_layers, "cpu_count": os.cpu_count(), "rows": rows,
             "notes": ("peak_over_inputs_gb: VmHWM (reset after the inputs were built) minus VmRSS before the call; "
                       "gemm_s: float32 torch.mm [N, 2dr] @ [2dr, N], timed on gemm_layers layers, scaled to L; "
-                      "the streaming build computes half of each Gram matrix (upper triangle) twice (two passes)")}
+                      "the streaming build computes each layer's Gram once and reads pass 1's distances back "
+                      "from an unlinked scratch file for the cut search")}
 
 
 def plot(result: dict, path: Path) -> None:
