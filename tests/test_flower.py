@@ -356,6 +356,10 @@ def _stop(processes):
             os.killpg(proc.pid, 9)
 
 
+# ~3 minutes on 2 cores (a SuperLink and two SuperNodes as processes): `make test-all` runs it; in
+# `make test` the same ServerApp/ClientApp run in process (test_flowertune_example_app_runs_in_process
+# and the strategy tests).
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_deployment_superlink_and_two_supernodes(tiny_model, tmp_path, child_env):
     link_port, *node_ports = _free_ports(3)
