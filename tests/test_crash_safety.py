@@ -47,6 +47,10 @@ def _start(model_path, run: Path) -> subprocess.Popen:
                             env={**os.environ, "TQDM_DISABLE": "1"})
 
 
+# ~3 minutes on 2 cores (a reference run plus SIGKILLed subprocess runs): `make test-all` runs it; in
+# `make test` the same resume path is checked in-process by test_federation's
+# test_resume_after_a_kill_ends_with_the_same_metrics and test_open_membership's killed-run test.
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_metrics(model_path, tmp_path):
     reference = tmp_path / "reference"
     t0 = time.perf_counter()

@@ -488,6 +488,10 @@ def test_flwr_run_causal_lm_app_on_the_simulation_engine(tiny_llama, tmp_path, c
     assert link.poll() is not None
 
 
+# ~3 minutes on 2 cores (a SuperLink and two SuperNodes as processes): `make test-all` runs it; in
+# `make test` the same ServerApp/ClientApp run in process (test_flowertune_example_app_runs_in_process
+# and the strategy tests).
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_deployment_superlink_and_two_supernodes(tiny_model, tmp_path, child_env):
     link_port, *node_ports = _free_ports(3)
