@@ -793,11 +793,11 @@ def test_resume_reloads_the_tree_and_matches_an_uninterrupted_run_bit_for_bit(tm
     state = json.loads((tmp_path / "cut" / "checkpoints" / "strategy" / "state.json").read_text())
     assert state["round"] == 3 and state["tree"] is not None
 
-    import fedtreelora.flower.tree_strategy as tree_strategy
+    import fedtreelora.federation.methods as methods
 
     def no_rebuild(*args, **kwargs):
         raise AssertionError("a resumed run must not build the tree again")
-    monkeypatch.setattr(tree_strategy, "build_tree", no_rebuild)
+    monkeypatch.setattr(methods, "build_tree", no_rebuild)
     new_nodes, _, _ = _federation(dtype=dtype, node_options=failing)       # what the restarted ServerApp reaches
     resumed, result, calls, snapshots = _run(new_nodes, initial, 5, run_dir=tmp_path / "cut", resume=True)
 
