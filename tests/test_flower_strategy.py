@@ -733,6 +733,52 @@ def test_late_node_is_placed_by_the_librarys_extend_tree(records):
     assert not any("global mean (no cluster" in m for m in records.warnings())
 
 
+def test_docs_switch_diff_calls_the_real_api():
+    """The new side of docs/flower.md's FlowerTune diff, executed: the server's imports, initial arrays and
+    strategy statement, then the client's train body on a tiny PEFT model (the trainer a stand-in)."""
+    import textwrap
+    from pathlib import Path
+    from types import SimpleNamespace
+    from peft import get_peft_model_state_dict
+    text = (Path(__file__).resolve().parents[1] / "docs" / "flower.md").read_text()
+    section = text[text.index("## Switch your FlowerTune app to FedTreeLoRA"):]
+    diff = section[section.index("```diff\n") + 8:section.index("\n```", section.index("```diff"))]
+    files = {}
+    for line in diff.splitlines():
+        if line.startswith("--- "):
+            current = files.setdefault(line[4:].strip(), [])
+        elif not line.startswith(("+++", "@@", "-")):
+            current.append(line[1:])
+    assert sorted(files) == ["flowertune_llm/client_app.py", "flowertune_llm/server_app.py"]
+
+    def define(lines, namespace, name, tail=""):
+        """The file's new lines as function `name` in `namespace` (its imports run first)."""
+        imports = [line for line in lines if line.startswith(("from ", "import "))]
+        body = textwrap.dedent("\n".join(line for line in lines if line not in imports))
+        exec("\n".join(imports), namespace)                      # noqa: S102 - the documented code itself
+        exec(f"def {name}():\n{textwrap.indent(body, '    ')}\n    {tail}", namespace)   # noqa: S102
+        return namespace[name]
+
+    model, _ = tiny_peft_model("bert")
+    cfg = SimpleNamespace(model=None, strategy=SimpleNamespace(fraction_train=0.5, fraction_evaluate=0.25))
+    server = define(files["flowertune_llm/server_app.py"], {"cfg": cfg, "get_model": lambda _: model,
+                                                            "get_peft_model_state_dict": get_peft_model_state_dict},
+                    "main", "return locals()")()
+    strategy = server["strategy"]
+    assert isinstance(strategy, FedTreeLoRA) and (strategy.fraction_train, strategy.fraction_evaluate) == (0.5, 0.25)
+    assert strategy.warmup_rounds == 2 and strategy.tree_config == TreeConfig()
+    _close(from_arrayrecord(server["arrays"]), get_peft_model_state_dict(model))
+    msg = _sent(RecordDict({"arrays": server["arrays"], "external": server["arrays"]}))
+    context = _context()
+    trainer = SimpleNamespace(train=lambda: SimpleNamespace(training_loss=0.25))
+    client = {"cfg": cfg, "get_model": lambda _: model, "msg": msg, "context": context, "trainer": trainer,
+              "trainset": [0] * 7}
+    reply = define(files["flowertune_llm/client_app.py"], client, "train")()
+    assert list(reply.content.array_records) == ["arrays"]
+    assert dict(reply.content["metrics"]) == {"train_loss": 0.25, "num-examples": 7}
+    assert hasattr(model, "expert_mixer") and MIXING_STATE in context.state.array_records
+
+
 @pytest.mark.parametrize("name", ["fedtreelora.flower.arrays", "fedtreelora.flower.tree_strategy",
                                   "fedtreelora.client.mixing"])
 def test_docstring_examples_of_the_flower_api(name):
@@ -793,11 +839,11 @@ def test_resume_reloads_the_tree_and_matches_an_uninterrupted_run_bit_for_bit(tm
     state = json.loads((tmp_path / "cut" / "checkpoints" / "strategy" / "state.json").read_text())
     assert state["round"] == 3 and state["tree"] is not None
 
-    import fedtreelora.flower.tree_strategy as tree_strategy
+    import fedtreelora.federation.methods as methods
 
     def no_rebuild(*args, **kwargs):
         raise AssertionError("a resumed run must not build the tree again")
-    monkeypatch.setattr(tree_strategy, "build_tree", no_rebuild)
+    monkeypatch.setattr(methods, "build_tree", no_rebuild)
     new_nodes, _, _ = _federation(dtype=dtype, node_options=failing)       # what the restarted ServerApp reaches
     resumed, result, calls, snapshots = _run(new_nodes, initial, 5, run_dir=tmp_path / "cut", resume=True)
 

@@ -195,18 +195,39 @@ class PerLayerClusters(_Segmented):
 
 
 class FedTreeLoRA(Method):
+    """FedTreeLoRA's server rule: `decide` builds the global tree once (after warm-up), `expert_result`
+    turns the latest uploads into every client's cluster and external expert with that tree,
+    `extend` places late clients into it.
+
+    The one implementation of the rule: `fedtreelora simulate` (through `aggregate`, clients by
+    index) and the Flower strategy `fedtreelora.flower.FedTreeLoRA` (clients named by node id, with
+    its `clip_norm` / `robust` / `trim_ratio` as `aggregate_options`) both call it.
+    """
     name, description = "fedtreelora", "FedTreeLoRA: one global tree, cut deeper at deeper layers; cluster + external experts"
 
+    def __init__(self, **aggregate_options):
+        self.aggregate_options = aggregate_options      # extra arguments of core.aggregate (clip_norm, robust, ...)
+        self.tree: AggregationTree | None = None
+        self.tree_config = None
+
     def setup(self, warm_states, weights, config, groups):
-        self.tree_config = config.tree_config()
-        self.tree = build_tree(warm_states, config=self.tree_config)
+        self.decide(warm_states, config.tree_config())
+
+    def decide(self, states, tree_config) -> AggregationTree:
+        """Build the tree over `states` (a list, or a dict client name -> state dict) with `tree_config`."""
+        self.tree_config = tree_config
+        self.tree = build_tree(states, config=tree_config)
+        return self.tree
+
+    def expert_result(self, states, weights):
+        """`core.aggregate` of `states` with the stored tree (an `AggregationResult`, keyed like `states`)."""
+        return aggregate(states, weights=weights, tree=self.tree, config=self.tree_config, **self.aggregate_options)
 
     def aggregate(self, states, weights):
-        res = aggregate(states, weights=torch.as_tensor(weights, dtype=torch.float64), tree=self.tree,
-                        config=self.tree_config)
+        res = self.expert_result(states, torch.as_tensor(weights, dtype=torch.float64))
         return list(zip(res.cluster_states, res.external_states))
 
-    def extend(self, old_states, new_states, weights, groups):
+    def extend(self, old_states, new_states, weights=None, groups=None):
         from ..core import extend_tree   # places each new client layer by layer, inside its cluster above
         self.tree = extend_tree(self.tree, old_states, new_states)
 
@@ -219,8 +240,12 @@ class FedTreeLoRA(Method):
 
     def load_state(self, state, config):
         self.config = config
-        self.tree = AggregationTree.from_dict(state["tree"])
-        self.tree_config = self.tree.config
+        self.use_tree(AggregationTree.from_dict(state["tree"]))
+
+    def use_tree(self, tree: AggregationTree | None) -> None:
+        """Continue with a stored tree (a resumed run): it is not decided again."""
+        self.tree = tree
+        self.tree_config = None if tree is None else tree.config
 
 
 class FixedLamOne(FedTreeLoRA):

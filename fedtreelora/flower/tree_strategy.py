@@ -11,7 +11,9 @@ receives its own cluster expert under "arrays" and its frozen external expert un
 `fedtreelora.aggregate(..., tree=strategy.tree)` over every node's latest upload (a node not
 sampled this round is represented by its last upload). `aggregate_train` returns the weighted mean
 of the latest uploads as its ArrayRecord (what `Result.arrays` and `evaluate_fn` see) and the
-weighted train metrics.
+weighted train metrics. The server rule itself (build the tree, experts with the stored tree, place
+late nodes' clusters) is `fedtreelora.federation.methods.FedTreeLoRA`, the object `fedtreelora
+simulate` runs too.
 
 Failures: a node whose reply is an error, or that does not reply within `start`'s timeout, keeps
 its previous experts and its last upload (logged on the `flwr.fedtreelora` logger). A node first
@@ -34,8 +36,9 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, samp
 
 import fedtreelora
 
-from ..core import AggregationTree, TreeConfig, aggregate, build_tree
+from ..core import AggregationTree, TreeConfig
 from ..core.aggregation import ROBUST_METHODS
+from ..federation import methods
 from ..federation.checkpoints import CheckpointError, RunFolderError, commit_tensors, load_tensors
 from .arrays import DTYPE_RECORD, from_arrayrecord, read_dtypes, to_arrayrecord
 
@@ -206,8 +209,14 @@ class FedTreeLoRA(Strategy):
         self._evaluate_fn_commits = False
         self._reset()
 
+    @property
+    def tree(self) -> AggregationTree | None:
+        """The client tree (client names: the node ids as strings); None during warm-up."""
+        return self._rule.tree
+
     def _reset(self) -> None:
-        self.tree: AggregationTree | None = None
+        # the server rule: the same object `fedtreelora simulate` runs (federation.methods.FedTreeLoRA)
+        self._rule = methods.FedTreeLoRA(clip_norm=self.clip_norm, robust=self.robust, trim_ratio=self.trim_ratio)
         self.failures: list[dict] = []
         self.train_metrics: dict[int, dict[int, dict]] = {}
         self.evaluate_metrics: dict[int, dict[int, dict]] = {}
@@ -372,7 +381,7 @@ class FedTreeLoRA(Strategy):
 
     def _build_tree(self, server_round: int) -> None:
         nodes = sorted(self._uploads)
-        self.tree = build_tree({str(n): self._uploads[n] for n in nodes}, config=self.tree_config)
+        self._rule.decide({str(n): self._uploads[n] for n in nodes}, self.tree_config)
         self._outside = set()
         logger.info("round %d: client tree built over %d node(s); clusters per layer %s", server_round, len(nodes),
                     [int(c) for c in self.tree.n_clusters.tolist()])
@@ -393,8 +402,8 @@ class FedTreeLoRA(Strategy):
                                    "gets the global mean (no cluster, no external expert)", node)
             self._outside.update(late)
             return
-        self.tree = extend(self.tree, {str(n): self._uploads[n] for n in self._tree_nodes()},
-                           {str(n): self._uploads[n] for n in late})
+        self._rule.use_tree(extend(self.tree, {str(n): self._uploads[n] for n in self._tree_nodes()},
+                                   {str(n): self._uploads[n] for n in late}))
         self._outside.difference_update(late)
         for node in late:
             logger.info("node %d placed into the tree (clusters %s)", node,
@@ -403,8 +412,7 @@ class FedTreeLoRA(Strategy):
     def _aggregate(self, failed: set[int]) -> None:
         nodes = self._tree_nodes()
         states = _common_dtypes({str(n): self._uploads[n] for n in nodes})
-        res = aggregate(states, weights={str(n): self._weights[n] for n in nodes}, tree=self.tree,
-                        clip_norm=self.clip_norm, robust=self.robust, trim_ratio=self.trim_ratio)
+        res = self._rule.expert_result(states, {str(n): self._weights[n] for n in nodes})
         for node in nodes:
             if node in failed and node in self._experts:
                 continue                                         # keeps its previous experts
@@ -509,7 +517,7 @@ class FedTreeLoRA(Strategy):
             self._experts = {int(n): (parts.get("cluster", {}).get(int(n), {}),
                                       parts["external"][int(n)] if has_external else None)
                              for n, has_external in info["experts"].items()}
-            self.tree = None if info["tree"] is None else AggregationTree.from_dict(info["tree"])
+            self._rule.use_tree(None if info["tree"] is None else AggregationTree.from_dict(info["tree"]))
             self._outside, self._warned_late = set(info["outside"]), set(info["warned_late"])
             self.failures = list(info["failures"])
             self.train_metrics, self.evaluate_metrics = (
