@@ -437,11 +437,13 @@ def _stop(processes):
             os.killpg(proc.pid, 9)
 
 
+def _toml_value(v):
+    return json.dumps(v) if isinstance(v, str) else ("true" if v is True else "false" if v is False else repr(v))
+
+
 def _toml_overrides(path, run_config):
     """A --run-config TOML file of flat (dotted) keys."""
-    def value(v):
-        return json.dumps(v) if isinstance(v, str) else ("true" if v is True else "false" if v is False else repr(v))
-    path.write_text("".join(f"{k} = {value(v)}\n" for k, v in run_config.items()))
+    path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
     return path
 
 
@@ -512,7 +514,7 @@ def test_deployment_superlink_and_two_supernodes(tiny_model, tmp_path, child_env
     rc = _flowertune_run_config(tiny_model, save, **{"num-server-rounds": 2, "warmup-rounds": 1, "data.num-groups": 1,
                                                      "data.samples-per-node": 40, "train.local-steps": 2,
                                                      "round-timeout": 240})
-    overrides = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in rc.items())
+    overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in rc.items())
     try:
         start("superlink", "flower-superlink", "--insecure", "--port", str(link_port),
               "--disable-runtime-dependency-installation")

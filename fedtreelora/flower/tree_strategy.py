@@ -259,8 +259,10 @@ class FedTreeLoRA(Strategy):
         logger.info("\t├──> Sampling: fraction train %.2f | evaluate %.2f; min nodes train %d | evaluate %d | "
                     "available %d", self.fraction_train, self.fraction_evaluate, self.min_train_nodes,
                     self.min_evaluate_nodes, self.min_available_nodes)
-        logger.info("\t└──> Keys: weighted by '%s', arrays '%s', external '%s', config '%s'", self.weighted_by_key,
+        logger.info("\t├──> Keys: weighted by '%s', arrays '%s', external '%s', config '%s'", self.weighted_by_key,
                     self.arrayrecord_key, self.external_key, self.configrecord_key)
+        logger.info("\t└──> Checkpoints: %s", "none" if self.run_dir is None else
+                    f"{self.run_dir / CHECKPOINT_FOLDER}{' (resume)' if self.resume else ''}")
 
     # -- the run ------------------------------------------------------------------------------------
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
