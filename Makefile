@@ -35,6 +35,7 @@ test: build
 	$(MAKE) cuda-check
 
 test-all: build
+	$(PIP) install -q -e ".[trl]"
 	FEDTREELORA_REQUIRE_NATIVE=1 $(PY) -m pytest -q $(PYTEST_ARGS) tests
 	$(MAKE) install-check
 	$(MAKE) cuda-check
