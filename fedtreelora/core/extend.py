@@ -178,9 +178,9 @@ def cross_distances(a: torch.Tensor, b: torch.Tensor, metric: str = "frobenius")
     if metric == "frobenius":
         # Any centre near the mean removes the cancellation (the distance is translation invariant), so
         # a float32 mean does; sum(dtype=float64) would convert element by element, 4x the GEMM's time.
-        b32 = b.to(torch.float32)
+        b32 = b.to(torch.float32, copy=True)  # our own copy: centred in place, the caller's rows untouched
         centre = b32.mean(0)
-        b32 = b32.sub_(centre) if b32.data_ptr() != b.data_ptr() else b32 - centre
+        b32.sub_(centre)
         a32 = a.to(torch.float32) - centre
         na, nb = _sq_norms(a32), _sq_norms(b32)
         gram = torch.mm(a32, b32.T).to(torch.float64)
