@@ -28,6 +28,16 @@ from fedtreelora import ops
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def busy_threads(fn) -> float:
+    """CPU seconds per wall second of one fn() call: how many threads the op kept busy (a kernel
+    whose parallel loop silently runs serially shows 1.0)."""
+    import resource
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    fn()
+    r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+    return (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / wall
+
+
 def timed(fn, device: torch.device, repeats: int = 3, warmup: int = 1):
     """Median wall time of fn() over `repeats` runs after `warmup` runs, and the last result."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -140,7 +150,8 @@ def bench_silhouette(n, n_layers, window, device, repeats):
         "target": ">= 100x faster than sklearn, <= 3x one read of d (d.sum())",
         "met": t_plain / t_ours >= 100 and t_ours <= 3 * t_read and err < 1e-5,
         "notes": f"max |ours - sklearn| = {err:.1e}; d.sum() {t_read:.4f}s, ours/d.sum() = {t_ours / t_read:.2f}; "
-                 f"sklearn {1e3 * t_layer / window:.1f} ms per call",
+                 f"sklearn {1e3 * t_layer / window:.1f} ms per call; threads busy "
+                 f"{busy_threads(lambda: [ops.silhouette(d_t, l_t) for _ in range(20)]):.1f} of {torch.get_num_threads()}",
     }
 
 
@@ -178,7 +189,8 @@ def bench_tree_reduce(n, n_layers, width, n_clusters, device, repeats):
         "floor_s": t_sum, "vs_floor": t_ours / t_sum,
         "target": "<= 1.5x the time of x.sum() and >= 2x faster than one-hot bmm",
         "met": t_ours <= 1.5 * t_sum and t_plain / t_ours >= 2,
-        "notes": f"x.sum() {t_sum:.3f}s, ours/x.sum() = {t_ours / t_sum:.2f}; max |ours - bmm| = {err:.1e}",
+        "notes": f"x.sum() {t_sum:.3f}s, ours/x.sum() = {t_ours / t_sum:.2f}; max |ours - bmm| = {err:.1e}; threads busy "
+                 f"{busy_threads(lambda: ops.tree_reduce(x, offsets, labels, weights, n_clusters)):.1f} of {torch.get_num_threads()}",
     }
     # What the floor is made of, on this machine: bytes that must move, and the copy bandwidth.
     y = torch.empty_like(x)

@@ -96,3 +96,19 @@ def test_native_core_is_loaded_with_every_op():
     assert fedtreelora.native_available(), _build.native_info()
     for op in ("layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fedtreelora::{op}", "CPU"), op
+
+
+def test_parallel_loops_are_compiled_with_openmp_when_torch_uses_it():
+    """at::parallel_for is an `omp parallel` pragma in ATen's headers: a build without -fopenmp runs
+    every kernel's parallel loop on one thread (silently: the pragma is just unknown)."""
+    if "OpenMP" not in torch.__config__.parallel_info() or not sys.platform.startswith("linux"):
+        pytest.skip("torch's parallel backend is not OpenMP here")
+    plan = _build.build_plan()
+    assert "-fopenmp" in plan.cflags and "-fopenmp" in plan.ldflags
+    import fedtreelora
+
+    library = _build.native_info().get("library") if fedtreelora.native_available() else None
+    readelf = shutil.which("readelf")
+    if library and readelf:
+        needed = subprocess.run([readelf, "-d", library], capture_output=True, text=True, check=True).stdout
+        assert "libgomp" in needed or "libomp" in needed, needed

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -20,10 +21,14 @@
 namespace fedtreelora {
 namespace {
 
-// Accumulator budget per thread: [C + 1, chunk] doubles that should stay in L2.
-constexpr int64_t kAccumulatorBytes = 192 * 1024;
-constexpr int64_t kMaxChunk = 2048;
-constexpr int64_t kMinChunk = 16;
+// Column chunks: a thread reads x[:, chunk] row by row, so each client's read is `chunk` contiguous
+// values; short reads (a few KB, each in its own page) starve the hardware prefetchers, so chunks are
+// wide (64 KB of float32 per client). Only one cluster's [chunk] double accumulator is live at a
+// time (in L2); the [C + 1, chunk] buffer that keeps them for the epilogue is touched twice per
+// chunk and sized for L3.
+constexpr int64_t kAccumulatorBytes = 4 * 1024 * 1024;
+constexpr int64_t kMaxChunk = 16384;
+constexpr int64_t kMinChunk = 64;
 
 struct Chunk {
   int64_t layer, begin, end;
@@ -70,10 +75,10 @@ __attribute__((always_inline)) inline void add_weighted_rows_impl(const scalar_t
   }
 }
 
-// Compiled for AVX2 as well as the baseline ISA, picked at load time (GCC's target_clones on x86-64
-// Linux): the loop is convert + multiply-add bound at 2 doubles per SSE2 instruction.
+// Compiled for AVX-512 and AVX2 as well as the baseline ISA, picked at load time (GCC's target_clones
+// on x86-64 Linux): the loop is convert + multiply-add bound at 2 doubles per SSE2 instruction.
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define FEDTREELORA_CLONES __attribute__((target_clones("avx2", "default")))
+#define FEDTREELORA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define FEDTREELORA_CLONES
 #endif
@@ -88,9 +93,12 @@ FEDTREELORA_ADD_ROWS(at::Half)
 FEDTREELORA_ADD_ROWS(at::BFloat16)
 #undef FEDTREELORA_ADD_ROWS
 
+// Chunks never cross a layer (a layer has one partition). At least 4 chunks per thread when the
+// columns allow it, so that the threads stay balanced.
 std::vector<Chunk> column_chunks(const int64_t* offsets, int64_t n_layers, int64_t n_clusters) {
   const int64_t budget = kAccumulatorBytes / (static_cast<int64_t>(sizeof(double)) * (n_clusters + 1));
-  const int64_t width = std::max(kMinChunk, std::min(kMaxChunk, budget));
+  const int64_t balanced = offsets[n_layers] / (4 * static_cast<int64_t>(at::get_num_threads()));
+  const int64_t width = std::max(kMinChunk, std::min({kMaxChunk, budget, (balanced + 15) / 16 * 16}));
   std::vector<Chunk> chunks;
   for (int64_t l = 0; l < n_layers; ++l)
     for (int64_t c0 = offsets[l]; c0 < offsets[l + 1]; c0 += width)
@@ -98,10 +106,15 @@ std::vector<Chunk> column_chunks(const int64_t* offsets, int64_t n_layers, int64
   return chunks;
 }
 
+// Returns false if a sum is not finite (x holds NaN or Inf, or float64 overflowed): the caller then
+// raises, and the outputs are not used. Checking the double sums here, where they are in cache,
+// spares the wrapper a pass over both outputs; a mean of finite values is a convex combination of
+// them, so it cannot overflow the output dtype.
 template <typename scalar_t>
-void reduce_chunks(const scalar_t* x, int64_t row_stride, const double* weights, const LayerClusters& lc,
+bool reduce_chunks(const scalar_t* x, int64_t row_stride, const double* weights, const LayerClusters& lc,
                    const std::vector<Chunk>& chunks, int64_t n, int64_t n_clusters, int64_t p, scalar_t* cluster_out,
                    scalar_t* external_out) {
+  std::atomic<bool> finite{true};
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<double> acc, total;
     std::vector<const scalar_t*> rows(n);
@@ -126,18 +139,24 @@ void reduce_chunks(const scalar_t* x, int64_t row_stride, const double* weights,
         const double* row = acc.data() + c * w;
         for (int64_t j = 0; j < w; ++j) total[j] += row[j];
       }
+      bool ok = true;
+      for (int64_t j = 0; j < w; ++j) ok &= std::isfinite(total[j]);
       for (int64_t c = 0; c < n_clusters; ++c) {
         const int64_t count = start[c + 1] - start[c];
         const double* row = acc.data() + c * w;
         scalar_t* cl = cluster_out + c * p + ch.begin;
         scalar_t* ex = external_out + c * p + ch.begin;
-        for (int64_t j = 0; j < w; ++j) {
-          cl[j] = static_cast<scalar_t>(cluster_mean(row[j], cweight[c], count));
-          ex[j] = static_cast<scalar_t>(external_mean(total[j], row[j], lc.total[ch.layer], cweight[c], count, n));
+        const double cw = cweight[c], tw = lc.total[ch.layer];
+        for (int64_t j = 0; j < w; ++j) {  // the branches of tree_reduce_math.h are loop-invariant
+          ok &= std::isfinite(row[j]);
+          cl[j] = static_cast<scalar_t>(cluster_mean(row[j], cw, count));
+          ex[j] = static_cast<scalar_t>(external_mean(total[j], row[j], tw, cw, count, n));
         }
       }
+      if (!ok) finite = false;
     }
   });
+  return finite;
 }
 
 std::tuple<at::Tensor, at::Tensor> tree_reduce_cpu(const at::Tensor& x, const at::Tensor& layer_offsets,
@@ -158,10 +177,13 @@ std::tuple<at::Tensor, at::Tensor> tree_reduce_cpu(const at::Tensor& x, const at
   const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor cluster = at::empty({n_clusters, p}, x.options());
   at::Tensor external = at::empty({n_clusters, p}, x.options());
+  bool finite = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tree_reduce_cpu", [&] {
-    reduce_chunks(xs.data_ptr<scalar_t>(), xs.stride(0), w.data_ptr<double>(), lc, chunks, n, n_clusters, p,
-                  cluster.data_ptr<scalar_t>(), external.data_ptr<scalar_t>());
+    finite = reduce_chunks(xs.data_ptr<scalar_t>(), xs.stride(0), w.data_ptr<double>(), lc, chunks, n, n_clusters, p,
+                           cluster.data_ptr<scalar_t>(), external.data_ptr<scalar_t>());
   });
+  // The wrapper (fedtreelora.ops.tree_reduce) turns this into a message naming the client and layer.
+  TORCH_CHECK_VALUE(finite, "tree_reduce: x has NaN or Inf values, or its sums overflow float64");
   return {cluster, external};
 }
 

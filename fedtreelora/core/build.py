@@ -101,6 +101,11 @@ class BuildPlan:
         return h.hexdigest()[:16]
 
 
+def _torch_uses_openmp() -> bool:
+    """Whether torch's intra-op parallel backend is OpenMP (GCC/clang on Linux take -fopenmp)."""
+    return sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info()
+
+
 def build_plan(csrc: Path | None = None) -> BuildPlan:
     csrc = Path(csrc) if csrc is not None else source_dir()
     with_cuda = _want_cuda()
@@ -109,6 +114,12 @@ def build_plan(csrc: Path | None = None) -> BuildPlan:
     # -ffp-contract=off: no fused multiply-adds, so linkage heights stay bit-equal to scipy's everywhere
     cflags = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-ffp-contract=off"]
     cuda_cflags = ["-O3", "--expt-relaxed-constexpr"]
+    ldflags: list[str] = []
+    # With torch's OpenMP backend, at::parallel_for is an `omp parallel` pragma in ATen's headers:
+    # compiled without -fopenmp it is a serial loop (and the only sign is the unknown-pragma warning).
+    if _torch_uses_openmp():
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
     nvtx = _nvtx_include_dirs()
     if nvtx:
         include_dirs += nvtx
@@ -119,7 +130,7 @@ def build_plan(csrc: Path | None = None) -> BuildPlan:
         include_dirs += _cuda_extra_include_dirs()
         cflags.append("-DFEDTREELORA_WITH_CUDA=1")
         cuda_cflags.append("-DFEDTREELORA_WITH_CUDA=1")
-    return BuildPlan(sources, include_dirs, cflags, cuda_cflags, [], with_cuda)
+    return BuildPlan(sources, include_dirs, cflags, cuda_cflags, ldflags, with_cuda)
 
 
 def cache_dir() -> Path:
