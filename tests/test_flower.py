@@ -88,7 +88,7 @@ def _same_state(a: ClientState, b: ClientState):
 
 
 def test_messages_carry_each_clients_state_exactly():
-    cfg = ExperimentConfig().replace(num_clients=3, lora_r=2)
+    cfg = ExperimentConfig().replace(num_clients=3, num_groups=1, super_groups=0, lora_r=2)
     state, external = _state(0), _state(1).adapter
     before = {k: v.clone() for k, v in state.adapter.items()}
     config, round_, phase, got, got_external = read_server_content(server_content(cfg, 4, "fedtreelora", state, external))
