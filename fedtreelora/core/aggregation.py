@@ -193,13 +193,17 @@ def _streamed_experts(states, layout, labels, w, n_clusters: int, names):
     cluster = torch.empty(n_clusters, off[-1], dtype=layout.dtype, device=device)
     external = torch.empty(n_clusters, off[-1], dtype=layout.dtype, device=device)
     labels = labels.to(device)
-    first = 0
+    blocks, first = [], 0
     while first < n_segments:
         last = first + 1  # the block is segments first .. last - 1
         while last < n_segments and len(states) * (off[last + 1] - off[first]) * item <= _BLOCK_BYTES:
             last += 1
+        blocks.append((first, last))
+        first = last
+    buffer = torch.empty(len(states), max(off[b] - off[a] for a, b in blocks), dtype=layout.dtype, device=device)
+    for first, last in blocks:
         lo, hi = off[first], off[last]
-        rows = layer_rows(states, [k for s_ in range(first, last) for k in seg_keys[s_]], layout.dtype)
+        rows = layer_rows(states, [k for s_ in range(first, last) for k in seg_keys[s_]], layout.dtype, buffer)
         offsets = torch.tensor([o - lo for o in off[first:last + 1]], dtype=torch.int64, device=device)
         try:
             c, e = ops.tree_reduce(rows, offsets, labels[first:last], w, n_clusters=n_clusters)
@@ -211,7 +215,7 @@ def _streamed_experts(states, layout, labels, w, n_clusters: int, names):
         cluster[:, lo:hi] = c
         external[:, lo:hi] = e
         del rows, c, e
-        first = last
+    del buffer
     labels = labels.cpu()
     anyone_outside = bool((labels != labels[:, :1]).any())
     return _per_client_views(cluster, external if anyone_outside else None, labels, layout, layout.layer_offsets, None)

@@ -466,16 +466,21 @@ def layer_keys(b_layout: adapters.AdapterLayout) -> list[list[str]]:
     return out
 
 
-def layer_rows(states, keys, dtype: torch.dtype) -> torch.Tensor:
+def layer_rows(states, keys, dtype: torch.dtype, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """[N, w]: row k = states[k][key].flatten() for the keys side by side (in `dtype`).
 
     Equal to those keys' columns of `adapters.pack` (same order, same dtype conversion): one
-    torch.stack per key, straight into its columns of the output.
+    torch.stack per key, straight into its columns of the output. With `buffer` ([N, >= w], dtype),
+    the output is its first w columns (rows strided): a caller that gathers block after block reuses
+    one buffer instead of faulting in fresh memory for every block, which cost more than the copy.
     """
     ref = states[0]
     n = len(states)
     widths = [ref[key].numel() for key in keys]
-    out = torch.empty(n, sum(widths), dtype=dtype, device=ref[keys[0]].device)
+    if buffer is None:
+        out = torch.empty(n, sum(widths), dtype=dtype, device=ref[keys[0]].device)
+    else:
+        out = buffer[:, :sum(widths)]
     lo = 0
     for key, width in zip(keys, widths):
         target = out[:, lo:lo + width].view(n, *ref[key].shape)
@@ -529,8 +534,10 @@ def _build_streaming(states, b_layout, layers, config: TreeConfig, names) -> Agg
     widths = (b_layout.layer_offsets[1:] - b_layout.layer_offsets[:-1]).tolist()
 
     def distances():
+        device = states[0][keys[0][0]].device
+        buffer = torch.empty(n, max(widths), dtype=b_layout.dtype, device=device)  # reused by every layer
         for l in range(n_layers):
-            rows = layer_rows(states, keys[l], b_layout.dtype)
+            rows = layer_rows(states, keys[l], b_layout.dtype, buffer)
             try:  # the op checks its output for NaN/Inf (no extra pass over the rows when all is well)
                 d = ops.layer_distances(rows, torch.tensor([0, widths[l]], dtype=torch.int64, device=rows.device),
                                         config.metric)[0]
