@@ -107,7 +107,7 @@ Refinement refine_partitions(const Partitions& p, int64_t n_layers, int64_t n_pa
 // The pass reads d row by row, each row once and in order (the memory floor: the prefetchers stream
 // it, and the row sits in L1 while it is used twice). A row is first checked (finite, >= 0: one
 // vectorised compare per entry), then summed per class of the refinement by walking the members of
-// each class in increasing client order (a gather inside the row, in double with four independent
+// each class in increasing client order (a gather inside the row, in double with eight independent
 // accumulators, so the adds do not wait on each other); every partition's cluster sums, a, b and s
 // follow from the class sums. Rows are independent: blocks of rows are the work items.
 constexpr int64_t kRowsPerItem = 32;
