@@ -103,7 +103,7 @@ class BuildPlan:
 
 def _torch_uses_openmp() -> bool:
     """Whether torch's intra-op parallel backend is OpenMP (GCC/clang on Linux take -fopenmp)."""
-    return sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info()
+    return sys.platform.startswith("linux") and "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 def build_plan(csrc: Path | None = None) -> BuildPlan:
