@@ -17,7 +17,7 @@ def test_a_bad_choice_names_the_key_and_the_allowed_values(key, value, allowed):
 @pytest.mark.parametrize("changes, message", [
     (dict(window=0), "window must be an integer >= 1"), (dict(tau=2.0), "tau must be a number in"),
     (dict(num_clients=0), "num_clients must be >= 1"), (dict(train_fraction=1.0), "train_fraction"),
-    (dict(num_groups=9), "num_groups"), (dict(dp_noise_multiplier=1.0), "dp_clip_norm")])
+    (dict(num_groups=17), r"num_groups \(17\) exceeds num_clients \(16\)"), (dict(dp_noise_multiplier=1.0), "dp_clip_norm")])
 def test_bad_numbers_fail_on_construction(changes, message):
     with pytest.raises(ValueError, match=message):
         ExperimentConfig(**changes)
@@ -47,3 +47,31 @@ def test_simulate_rejects_a_typo_before_training(tmp_path, capsys):
     assert main(["simulate", "--set", "linkage=avrage", "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 2
     assert "config linkage must be one of" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("num_groups, expected", [(4, 2), (8, 2), (6, 2), (2, 0), (1, 0), (3, 0), (5, 0)])
+def test_setting_num_groups_alone_never_breaks_or_silently_nests(num_groups, expected):
+    # The default (hierarchical) run nests its 4 groups in 2 super-groups; overriding num_groups alone
+    # must neither fail validation (1, 3, 5 groups) nor drop the label rotation between 2 groups.
+    cfg = ExperimentConfig().replace(num_groups=num_groups)
+    assert cfg.super_groups is None and cfg.super_group_count == expected
+
+
+def test_an_explicit_super_groups_wins_and_is_checked():
+    assert ExperimentConfig(super_groups=0).super_group_count == 0
+    assert ExperimentConfig(num_groups=8, super_groups=4).super_group_count == 4
+    with pytest.raises(ValueError, match=r"super_groups must be null .* divisor of num_groups \(4\), got 3"):
+        ExperimentConfig(super_groups=3)
+    with pytest.raises(ValueError, match="super_groups"):
+        ExperimentConfig(super_groups="2")
+
+
+def test_two_groups_rotate_labels_one_super_group_each_does_not():
+    import numpy as np
+
+    from fedtreelora.federation.data import partition
+    labels = np.repeat(np.arange(5), 40)
+    flat = partition(labels, 4, 12, num_groups=2, alpha=100.0, seed=0,
+                     super_groups=ExperimentConfig(num_groups=2).super_group_count)
+    # group 1 sees rotated labels: its train labels are not its documents' true classes
+    assert any((labels[c.train_idx] != c.train_labels).any() for c in flat if c.group == 1)

@@ -71,7 +71,7 @@ class ExperimentConfig:
     num_clients: int = _f(16, "number of clients")
     num_groups: int = _f(4, "planted task groups; group g>0 sees the labels permuted (conflicting tasks); 1 = Dirichlet only")
     classes_per_group: int = _f(3, "classes a planted group draws its documents from (consecutive, cyclic, offset per group: {0,1,2} and {2,3,4} of 5); 0 = all (the labels still conflict)")
-    super_groups: int = _f(2, "super-groups the planted groups nest in (0 = none): a super-group's groups share topics and differ in what the labels mean; super-groups differ in topics")
+    super_groups: int | None = _f(None, "super-groups the planted groups nest in (0 = none): a super-group's groups share topics and differ in what the labels mean; super-groups differ in topics. null (default) = 2 when num_groups is even and >= 4, else 0, so that setting num_groups alone never changes what a group means")
     dirichlet_alpha: float = _f(100.0, "Dirichlet concentration of each client's label mix (smaller = more skew)")
     samples_per_client: int = _f(48, "documents per client")
     train_fraction: float = _f(0.3334, "fraction of a client's documents used for training, the rest is its test split")
@@ -119,6 +119,14 @@ class ExperimentConfig:
     def lora_target_modules(self) -> list[str]:
         """The module names that get LoRA: `target_modules`, or the task's default when it is empty."""
         return list(self.target_modules) or list(TASK_TARGET_MODULES[self.task])
+
+    @property
+    def super_group_count(self) -> int:
+        """The super-groups the partition nests the groups in: `super_groups`, or its default rule
+        (2 when `num_groups` is even and >= 4, else 0) when it is null."""
+        if self.super_groups is not None:
+            return int(self.super_groups)
+        return 2 if self.num_groups >= 4 and self.num_groups % 2 == 0 else 0
 
     @property
     def metric_name(self) -> str:
@@ -195,9 +203,11 @@ class ExperimentConfig:
             raise ValueError(f"config late_round must lie in [1, rounds={self.rounds}] when late_clients > 0, got {self.late_round}")
         if self.rebuild_every < 0:
             raise ValueError(f"config rebuild_every must be >= 0 (0 = never), got {self.rebuild_every}")
-        if self.super_groups < 0 or self.super_groups > self.num_groups or (
-                self.super_groups > 1 and self.num_groups % self.super_groups):
-            raise ValueError(f"config super_groups must be 0 or divide num_groups ({self.num_groups}), got {self.super_groups}")
+        if self.super_groups is not None and (not isinstance(self.super_groups, int) or self.super_groups < 0
+                                              or self.super_groups > self.num_groups
+                                              or (self.super_groups > 1 and self.num_groups % self.super_groups)):
+            raise ValueError(f"config super_groups must be null (the default rule), 0 or a divisor of num_groups "
+                             f"({self.num_groups}), got {self.super_groups!r}")
         if self.num_groups > self.num_clients:
             raise ValueError(f"config num_groups ({self.num_groups}) exceeds num_clients ({self.num_clients})")
         if not 0.0 < self.train_fraction < 1.0:

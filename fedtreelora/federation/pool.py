@@ -46,7 +46,7 @@ class ClientPool:
         else:
             self.clients = partition(dataset.labels, config.num_clients, config.samples_per_client,
                                      num_groups=config.num_groups, alpha=config.dirichlet_alpha,
-                                     classes_per_group=config.classes_per_group, super_groups=config.super_groups,
+                                     classes_per_group=config.classes_per_group, super_groups=config.super_group_count,
                                      train_fraction=config.train_fraction, seed=config.seed)
         self.groups = np.array([c.group for c in self.clients])
         self.weights = np.array([c.num_train for c in self.clients], dtype=np.float64)
