@@ -19,7 +19,7 @@ test -f "$LIBRARY" || { echo "cmake-check: $LIBRARY was not built"; exit 1; }
 
 # Not `import fedtreelora`: its JIT build would register the same op namespace a second time.
 "$PY" - "$LIBRARY" "$ROOT" <<'PY'
-import pathlib, sys
+import pathlib, shutil, subprocess, sys
 import numpy as np
 import torch
 from scipy.cluster.hierarchy import cut_tree, linkage
@@ -40,5 +40,9 @@ for method in ("single", "complete", "average", "weighted", "ward"):
 z = linkage(y, "average")
 labels = torch.ops.fedtreelora.cut_tree(torch.from_numpy(z), torch.tensor([3, 1, 7]))
 assert np.array_equal(labels.numpy(), cut_tree(z, n_clusters=[3, 1, 7]).T)
+# torch's backend is OpenMP here, so the library must link it, or its parallel loops run on one thread
+if "ATen parallel backend: OpenMP" in torch.__config__.parallel_info() and shutil.which("readelf"):
+    needed = subprocess.run(["readelf", "-d", library], capture_output=True, text=True, check=True).stdout
+    assert "libgomp" in needed or "libomp" in needed, f"cmake-check: {library} does not link OpenMP:\n{needed}"
 print(f"cmake-check: {library} loaded; CPU kernels for {', '.join(expected)}; linkage and cut_tree equal scipy")
 PY
