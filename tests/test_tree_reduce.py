@@ -202,6 +202,17 @@ def test_wrapper_rejects_bad_input():
         ops.tree_reduce(x.to(torch.int32), offsets, labels, weights)
 
 
+def test_an_external_mean_that_overflows_float64_is_refused_not_returned_as_inf():
+    # Every cluster sum is finite and so is the total (summed in cluster order: -big + big + big),
+    # but total - cluster 0's sum (the external sum of cluster 0) overflows: the true external mean
+    # of cluster 0 (big) is finite, so an inf there would be a silently wrong result.
+    big = 1.5e308
+    x = torch.tensor([[big], [big], [-big]], dtype=torch.float64)
+    labels = torch.tensor([[1, 2, 0]])
+    with pytest.raises(ValueError, match="tree_reduce overflowed: x is finite"):
+        ops.tree_reduce(x, offsets_of([1]), labels, torch.ones(3, dtype=torch.float64))
+
+
 @pytest.mark.skipif(not ops.native_available(), reason="the native core is not loaded")
 def test_kernel_rejects_bad_input():
     """Called through torch.ops directly (no wrapper), the kernel refuses instead of writing out of bounds."""

@@ -106,10 +106,11 @@ std::vector<Chunk> column_chunks(const int64_t* offsets, int64_t n_layers, int64
   return chunks;
 }
 
-// Returns false if a sum is not finite (x holds NaN or Inf, or float64 overflowed): the caller then
-// raises, and the outputs are not used. Checking the double sums here, where they are in cache,
-// spares the wrapper a pass over both outputs; a mean of finite values is a convex combination of
-// them, so it cannot overflow the output dtype.
+// Returns false if a sum or an external mean is not finite (x holds NaN or Inf, or float64
+// overflowed, which (total - cluster sum) can do even when both are finite): the caller then raises,
+// and the outputs are not used. Checking in float64 here, where the values are in cache, spares the
+// wrapper a pass over both outputs. A finite mean of values of x's dtype lies within that dtype's
+// range, so the casts below cannot overflow.
 template <typename scalar_t>
 bool reduce_chunks(const scalar_t* x, int64_t row_stride, const double* weights, const LayerClusters& lc,
                    const std::vector<Chunk>& chunks, int64_t n, int64_t n_clusters, int64_t p, scalar_t* cluster_out,
@@ -148,9 +149,10 @@ bool reduce_chunks(const scalar_t* x, int64_t row_stride, const double* weights,
         scalar_t* ex = external_out + c * p + ch.begin;
         const double cw = cweight[c], tw = lc.total[ch.layer];
         for (int64_t j = 0; j < w; ++j) {  // the branches of tree_reduce_math.h are loop-invariant
-          ok &= std::isfinite(row[j]);
+          const double external = external_mean(total[j], row[j], tw, cw, count, n);
+          ok &= std::isfinite(row[j]) & std::isfinite(external);
           cl[j] = static_cast<scalar_t>(cluster_mean(row[j], cw, count));
-          ex[j] = static_cast<scalar_t>(external_mean(total[j], row[j], tw, cw, count, n));
+          ex[j] = static_cast<scalar_t>(external);
         }
       }
       if (!ok) finite = false;

@@ -405,6 +405,11 @@ def tree_reduce(x: torch.Tensor, layer_offsets: torch.Tensor, labels: torch.Tens
     and float32 or better on CUDA: in the columns of layer l, row c is the weighted mean over the clients with
     labels[l] == c, and the weighted mean over all the others; an external row whose cluster holds
     every client is 0, and so are the rows of a label absent from layer l.
+
+    NaN or Inf in x (or a float64 overflow) raises a ValueError naming the first client and layer
+    that holds one. Under torch.compile the wrapper's checks are skipped (they need host syncs): the
+    CPU kernel still refuses non-finite sums, with a message that names no client, while on CUDA
+    NaN and Inf pass through into the outputs.
     """
     _check_rows(x)
     n, p = x.shape
