@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("flwr")
 
 import fedtreelora  # noqa: E402
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 from flwr.serverapp.strategy import Result, Strategy  # noqa: E402
 
 from fedtreelora import TreeConfig, aggregate, build_tree  # noqa: E402
@@ -313,6 +313,49 @@ def test_nodes_not_sampled_are_represented_by_their_last_upload():
             _close(nodes[n].got("train", rnd + 1)[3], expected.cluster_states[str(n)])
     not_sampled = [n for n in ids if n not in trained[4]]
     assert all(not any(r[0] == "train" and r[1] == 4 for r in nodes[n].received) for n in not_sampled)
+
+
+def test_sampling_is_the_in_process_runs_draw_and_repeats_with_the_seed():
+    from fedtreelora.federation.config import ExperimentConfig
+    from fedtreelora.federation.draws import EVALUATE_DRAW, draw_clients
+    from fedtreelora.federation.schedule import select_clients
+    nodes, initial, _ = _federation()
+    ids = sorted(nodes)
+    runs = {}
+    for seed in (3, 3, 4):
+        for n in nodes.values():
+            n.received.clear()
+        strategy = FedTreeLoRA(warmup_rounds=1, fraction_train=0.5, fraction_evaluate=0.5, min_train_nodes=2,
+                               min_evaluate_nodes=2, seed=seed)
+        strategy.start(grid=InProcessGrid(nodes), initial_arrays=to_arrayrecord(initial), num_rounds=4)
+        trained = {rnd: [n for n in ids if any(r[:2] == ("train", rnd) for r in nodes[n].received)] for rnd in (2, 3, 4)}
+        evaluated = {rnd: sorted(strategy.evaluate_metrics[rnd]) for rnd in (2, 3, 4)}
+        runs.setdefault(seed, []).append((trained, evaluated))
+        config = ExperimentConfig(seed=seed, num_clients=len(ids), client_fraction=0.5)
+        for rnd in (2, 3, 4):   # `fedtreelora simulate`'s clients 0..N-1 are the sorted node ids here
+            assert trained[rnd] == [ids[k] for k in select_clients(config, rnd - 1, len(ids))]
+            assert evaluated[rnd] == draw_clients(seed, rnd - 1, ids, len(ids) // 2, EVALUATE_DRAW)
+            assert all(nodes[n].got("train", rnd)[5]["run-seed"] == seed for n in trained[rnd])
+    assert runs[3][0] == runs[3][1] and runs[3][0] != runs[4][0]
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        FedTreeLoRA(seed=-1)
+
+
+def test_training_seed_is_the_in_process_clients_seed(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+    from fedtreelora.federation.draws import derived_seed
+    from fedtreelora.flower import training_seed
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    msg = Message(RecordDict({"config": ConfigRecord({"server-round": 3, "run-seed": 7})}), dst_node_id=5,
+                  message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 2}, state=RecordDict(), run_config={})
+    # the ClientPool seeds client 2's local run of 0-based round 2 with derived_seed(seed, 2, 2)
+    assert training_seed(msg, context) == derived_seed(7, 2, 2)
+    assert training_seed(msg, Context(run_id=1, node_id=5, node_config={}, state=RecordDict(),
+                                      run_config={})) == derived_seed(7, 2, 5)   # no partition-id: the node id
+    with pytest.raises(ValueError, match="no ConfigRecord 'cfg'"):
+        training_seed(msg, context, configrecord_key="cfg")
 
 
 def test_late_node_gets_the_global_mean_without_extend_tree(records, monkeypatch):

@@ -2,7 +2,7 @@
 training and evaluation. The in-process schedule and the Flower ClientApp both build exactly this,
 so client k trains the same thing in either.
 
-Every random draw of a local run comes from (seed, round, client) through `derived_seed`, so any
+Every random draw of a local run comes from (seed, round, client) through `draws.derived_seed`, so any
 round can be replayed exactly (this is what makes a resumed run land on the same metrics).
 """
 from __future__ import annotations
@@ -15,13 +15,9 @@ import torch
 from ..client.trainer import ClientState, LocalTrainer
 from .config import ExperimentConfig
 from .data import PromptDataset, TextDataset, partition, partition_by_group
+from .draws import derived_seed
 
 __all__ = ["ClientPool", "derived_seed"]
-
-
-def derived_seed(*parts: int) -> int:
-    """A 32-bit seed from integers (seed, round, client, ...), independent for different tuples."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 class ClientPool:

@@ -29,7 +29,8 @@ from .checkpoints import CheckpointError, RunFolderError, load_checkpoint, save_
 from .config import ExperimentConfig
 from .data import TextDataset, load_dataset_for
 from .methods import DEFAULT_METHODS, Method, make_method
-from .pool import ClientPool, derived_seed
+from .draws import derived_seed, draw_clients
+from .pool import ClientPool
 
 __all__ = ["Federation", "Schedule", "Driver", "InProcess", "check_run_folder", "run_experiment", "select_clients", "method_result", "evaluation_record", "WARMUP",
            "CheckpointError", "RunFolderError", "derived_seed"]
@@ -39,9 +40,9 @@ logger = logging.getLogger("fedtreelora")
 
 
 def select_clients(config: ExperimentConfig, global_round: int, n: int) -> list[int]:
-    """The clients that train in federated round `global_round` (0-based, warm-up rounds counted)."""
-    n_selected = max(1, int(round(config.client_fraction * n)))
-    return sorted(np.random.default_rng([config.seed, global_round, 1]).choice(n, n_selected, replace=False).tolist())
+    """The clients that train in federated round `global_round` (0-based, warm-up rounds counted):
+    round(client_fraction * n) of them (at least one), drawn by `draws.draw_clients`."""
+    return draw_clients(config.seed, global_round, range(n), max(1, int(round(config.client_fraction * n))))
 
 
 def evaluation_record(results: dict[int, dict], n: int, metric: str = "accuracy") -> dict:

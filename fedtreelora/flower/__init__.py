@@ -5,7 +5,8 @@ For any PEFT Flower app (the FlowerTune LLM template, say):
 - `FedTreeLoRA`: a `flwr.serverapp.strategy.Strategy`, the drop-in for `FedAvg` in the ServerApp
   (warm-up, then the global client tree; each node gets its own cluster and external experts);
 - `load_experts(model, msg, context)` / `make_reply(model, msg, context, num_examples)`: the two
-  client calls around the app's own PEFT training loop;
+  client calls around the app's own PEFT training loop; `training_seed(msg, context)`: the seed of
+  the node's local run, the one `fedtreelora simulate` gives that client in that round;
 - `to_arrayrecord` / `from_arrayrecord`: state dicts <-> ArrayRecords of any floating dtype (bf16);
 - `InProcessGrid`: a Grid whose nodes are ClientApps in this process (tests, small runs).
 
@@ -18,7 +19,7 @@ See docs/flower.md.
 """
 from .arrays import from_arrayrecord, to_arrayrecord
 from .local_grid import InProcessGrid
-from .peft_client import load_experts, make_reply
+from .peft_client import load_experts, make_reply, training_seed
 from .tree_strategy import FedTreeLoRA
 
-__all__ = ["FedTreeLoRA", "load_experts", "make_reply", "to_arrayrecord", "from_arrayrecord", "InProcessGrid"]
+__all__ = ["FedTreeLoRA", "load_experts", "make_reply", "training_seed", "to_arrayrecord", "from_arrayrecord", "InProcessGrid"]

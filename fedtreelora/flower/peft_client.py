@@ -22,9 +22,10 @@ from numbers import Real
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from ..client.mixing import MIXER_ATTRIBUTE, ExpertMixer, attach_mixer
+from ..federation.draws import derived_seed
 from .arrays import DTYPE_RECORD, dtype_record, from_arrayrecord, to_arrayrecord
 
-__all__ = ["load_experts", "make_reply", "MIXING_STATE"]
+__all__ = ["load_experts", "make_reply", "training_seed", "MIXING_STATE"]
 
 MIXING_STATE = "fedtreelora-mixing"   # context.state ArrayRecord: {layer group: lam logit}
 
@@ -180,3 +181,35 @@ def make_reply(model, msg: Message, context: Context, num_examples: int, metrics
         context.state[MIXING_STATE] = ArrayRecord(
             torch_state_dict={g: p.detach().float().cpu().reshape(1) for g, p in mixer.logits.items()})
     return Message(content, reply_to=msg)
+
+
+def training_seed(msg: Message, context: Context, *, configrecord_key: str = "config") -> int:
+    """The seed of this node's local run in this round: `derived_seed(run-seed, server-round - 1, partition)`.
+
+    The same seed `fedtreelora simulate` gives client `partition` in that round (its ClientPool
+    seeds every local run with `derived_seed(seed, round, client)`), so a ClientApp that seeds its
+    batches and dropout with it trains from the draws of the in-process run.
+
+    Parameters
+    ----------
+    msg : flwr.app.Message
+        The strategy's message; its ConfigRecord (`configrecord_key`) carries "server-round" and,
+        from `FedTreeLoRA`, "run-seed" (0 when absent).
+    context : flwr.app.Context
+        The node's context: `node_config["partition-id"]` is the client index (the node id where
+        the node config has none).
+
+    Examples
+    --------
+    In a ClientApp's train function, before the batches are drawn::
+
+        seed = training_seed(msg, context)   # the in-process run's seed for this client and round
+        torch.manual_seed(seed)
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))
+    """
+    config = msg.content.config_records.get(configrecord_key)
+    if config is None or "server-round" not in config:
+        raise ValueError(f"the message has no ConfigRecord {configrecord_key!r} with 'server-round' "
+                         "(is it a FedTreeLoRA strategy's message? pass configrecord_key=...)")
+    partition = context.node_config.get("partition-id", context.node_id)
+    return derived_seed(int(config.get("run-seed", 0)), int(config["server-round"]) - 1, int(partition))

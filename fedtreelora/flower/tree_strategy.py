@@ -40,6 +40,7 @@ from ..core import AggregationTree, TreeConfig
 from ..core.aggregation import ROBUST_METHODS
 from ..federation import methods
 from ..federation.checkpoints import CheckpointError, RunFolderError, commit_tensors, load_tensors
+from ..federation.draws import EVALUATE_DRAW, TRAIN_DRAW, draw_clients
 from .arrays import DTYPE_RECORD, from_arrayrecord, read_dtypes, to_arrayrecord
 
 __all__ = ["FedTreeLoRA", "WARMUP", "FEDERATED", "CHECKPOINT_FOLDER", "RunFolderError", "CheckpointError"]
@@ -67,7 +68,7 @@ class FedTreeLoRA(Strategy):
         them too.
     fraction_train, fraction_evaluate : float
         Fraction of the connected nodes sampled for a federated training / evaluation round
-        (FedAvg's meaning; warm-up training always uses every available node).
+        (FedAvg's meaning and count; warm-up training always uses every available node).
     min_train_nodes, min_evaluate_nodes, min_available_nodes : int
         FedAvg's meaning: at least this many nodes sampled / connected before a round starts.
     weighted_by_key : str
@@ -84,6 +85,12 @@ class FedTreeLoRA(Strategy):
         Passed to `fedtreelora.aggregate`.
     trim_ratio : float
         Passed to `fedtreelora.aggregate` for robust="trimmed_mean".
+    seed : int
+        Seed of the node sampling: the nodes of round r are drawn from (seed, r - 1) by
+        `fedtreelora.federation.draws.draw_clients` over the sorted connected node ids, the draw
+        `fedtreelora simulate` makes over its clients (FedAvg draws with Python's unseeded
+        `random`). Sent to every node as "run-seed" in the ConfigRecord, from which
+        `fedtreelora.flower.training_seed` derives the node's seed for the round.
     experts_fn : callable, optional
         Called at the end of every `aggregate_train` as experts_fn(server_round, experts) with
         experts = {node id: (cluster state dict, external state dict or None)} for every node
@@ -152,7 +159,7 @@ class FedTreeLoRA(Strategy):
                  fraction_evaluate: float = 1.0, min_train_nodes: int = 2, min_evaluate_nodes: int = 2,
                  min_available_nodes: int = 2, weighted_by_key: str = "num-examples", arrayrecord_key: str = "arrays",
                  external_key: str = "external", configrecord_key: str = "config", clip_norm: float | str | None = None,
-                 robust: str = "mean", trim_ratio: float = 0.1, experts_fn: ExpertsFn | None = None,
+                 robust: str = "mean", trim_ratio: float = 0.1, seed: int = 0, experts_fn: ExpertsFn | None = None,
                  run_dir: str | Path | None = None, resume: bool = False) -> None:
         if not isinstance(tree_config, TreeConfig):
             raise TypeError(f"tree_config must be a fedtreelora.TreeConfig, got {type(tree_config).__name__}")
@@ -180,6 +187,8 @@ class FedTreeLoRA(Strategy):
         if clip_norm is not None and clip_norm != "median" and (
                 isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or not clip_norm > 0):
             raise ValueError(f'clip_norm must be None, "median" or a number > 0, got {clip_norm!r}')
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         if experts_fn is not None and not callable(experts_fn):
             raise TypeError(f"experts_fn must be callable, got {type(experts_fn).__name__}")
         if run_dir is not None and not isinstance(run_dir, (str, Path)):
@@ -202,6 +211,7 @@ class FedTreeLoRA(Strategy):
         self.clip_norm = clip_norm
         self.robust = robust
         self.trim_ratio = trim_ratio
+        self.seed = seed
         self.experts_fn = experts_fn
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.resume = resume
@@ -340,8 +350,9 @@ class FedTreeLoRA(Strategy):
         if warmup:
             available = len(list(grid.get_node_ids()))
             node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(available, self.min_train_nodes))
+            node_ids = sorted(node_ids)
         else:
-            node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
+            node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes, server_round, TRAIN_DRAW)
         logger.info("configure_train: round %d (%s), %d node(s)", server_round, WARMUP if warmup else FEDERATED,
                     len(node_ids))
         self._sent["train"] = set(node_ids)
@@ -429,7 +440,7 @@ class FedTreeLoRA(Strategy):
         """Messages of an evaluation round: every sampled node its own current experts."""
         if self._replayed(server_round):
             return []
-        node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, server_round, EVALUATE_DRAW)
         self._sent["evaluate"] = set(node_ids)
         return [self._message(node, server_round, config, MessageType.EVALUATE) for node in node_ids]
 
@@ -536,12 +547,13 @@ class FedTreeLoRA(Strategy):
                     len(self._uploads), "built" if self.tree is not None else "not built yet")
 
     # -- helpers --------------------------------------------------------------------------------
-    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+    def _sample(self, grid: Grid, fraction: float, minimum: int, server_round: int, stream: int) -> list[int]:
+        """FedAvg's count (and its wait for enough nodes), drawn as `fedtreelora simulate` draws."""
         if fraction == 0.0:
             return []
         size = max(int(len(list(grid.get_node_ids())) * fraction), minimum)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, size)
-        return sorted(node_ids)
+        _, connected = sample_nodes(grid, self.min_available_nodes, size)   # waits until enough are connected
+        return draw_clients(self.seed, server_round - 1, sorted(int(n) for n in connected), size, stream)
 
     def _start_state(self, node: int, server_round: int) -> tuple[StateDict, StateDict | None]:
         if server_round <= self.warmup_rounds:                   # warm-up: its own last upload, or initial_arrays
@@ -561,6 +573,7 @@ class FedTreeLoRA(Strategy):
         node_config = ConfigRecord(dict(config))
         node_config["server-round"] = server_round
         node_config["phase"] = WARMUP if server_round <= self.warmup_rounds else FEDERATED
+        node_config["run-seed"] = self.seed
         content = RecordDict({self.arrayrecord_key: to_arrayrecord(cluster), self.configrecord_key: node_config})
         if external is not None:
             content[self.external_key] = to_arrayrecord(external)

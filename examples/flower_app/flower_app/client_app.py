@@ -5,7 +5,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedtreelora.flower import load_experts, make_reply
+from fedtreelora.flower import load_experts, make_reply, training_seed
 
 from .task import batches, evaluate as evaluate_model, get_model, load_data
 
@@ -17,11 +17,11 @@ def train(msg: Message, context: Context) -> Message:
     model = get_model(context.run_config)
     load_experts(model, msg, context)          # FedTreeLoRA: cluster expert, external expert, this node's lam
     data = load_data(context.run_config, context.node_config)
-    rc, rnd = context.run_config, int(msg.content["config"]["server-round"])
+    rc = context.run_config
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(rc["train.learning-rate"]))
     model.train()
     losses = []
-    seed = int(rc["seed"]) * 100_003 + rnd * 1_009 + int(context.node_config["partition-id"])
+    seed = training_seed(msg, context)         # the seed `fedtreelora simulate` gives this client in this round
     for batch, labels in batches(data.train_x, data.train_y, int(rc["train.batch-size"]), int(rc["train.local-steps"]),
                                  seed):
         loss = model(**batch, labels=labels).loss   # classification: the labels; causal LM: response tokens only

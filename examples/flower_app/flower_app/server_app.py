@@ -44,6 +44,7 @@ def main(grid: Grid, context: Context) -> None:
                            warmup_rounds=int(rc["warmup-rounds"]), fraction_train=float(rc["fraction-train"]),
                            fraction_evaluate=float(rc["fraction-evaluate"]), min_train_nodes=int(rc["min-nodes"]),
                            min_evaluate_nodes=int(rc["min-nodes"]), min_available_nodes=int(rc["min-nodes"]),
+                           seed=int(rc["seed"]),
                            experts_fn=save_experts(save_path, num_rounds), run_dir=save_path,
                            resume=bool(rc["resume"]))
 
