@@ -343,6 +343,42 @@ def test_simulation_engine_matches_in_process_run(tiny_model, tmp_path, child_en
         assert b["lam"][k] == pytest.approx(lams, abs=1e-3)
 
 
+def test_drop_in_strategy_on_the_experiments_clients_matches_fedtreelora_simulate(tiny_model, tmp_path, monkeypatch):
+    # One set of rounds: flwr's Strategy.start driving the drop-in FedTreeLoRA over the experiment's
+    # clients (pool_grid) gives `fedtreelora simulate`'s tree and, from the first federated round on,
+    # its per-client metrics and lam (the last warm-up round's evaluation differs by design).
+    from flwr.serverapp.strategy import Result
+    from flwr.supercore.task_identity import TaskIdentity
+    from fedtreelora.federation.pool import ClientPool
+    from fedtreelora.federation.schedule import run_experiment
+    from fedtreelora.flower import FedTreeLoRA, to_arrayrecord
+    from fedtreelora.flower.peft_client import MIXING_STATE
+    from fedtreelora.flower.pool_nodes import pool_grid
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    cfg = tiny_config(tiny_model, dataset="tiny")        # 4 clients in 2 groups, full participation
+    local = run_experiment(cfg, [METHOD], tmp_path / "in_process", dataset=tiny_dataset(), progress=False)
+    pool = ClientPool(cfg, tiny_dataset())
+    grid = pool_grid(pool)
+    n = cfg.num_clients
+    strategy = FedTreeLoRA(tree_config=cfg.tree_config(), warmup_rounds=cfg.warmup_rounds, min_train_nodes=n,
+                           min_evaluate_nodes=n, min_available_nodes=n, seed=cfg.seed)
+    result = strategy.start(grid=grid, initial_arrays=to_arrayrecord(pool.initial.adapter),
+                            num_rounds=cfg.warmup_rounds + cfg.rounds)
+    assert isinstance(result, Result) and strategy.failures == []
+    decided = local["methods"][METHOD]["method_state"]
+    assert np.asarray(strategy.tree.labels).tolist() == decided["labels"]
+    assert [int(c) for c in np.asarray(strategy.tree.n_clusters)] == decided["n_clusters"]
+    history = {h["round"]: h for h in local["methods"][METHOD]["history"]}
+    for rnd in range(cfg.warmup_rounds + 1, cfg.warmup_rounds + cfg.rounds + 1):
+        per_node = strategy.evaluate_metrics[rnd]
+        np.testing.assert_allclose([per_node[k]["accuracy"] for k in range(n)], history[rnd]["accuracy"], atol=1e-6)
+        np.testing.assert_allclose([per_node[k]["loss"] for k in range(n)], history[rnd]["loss"], rtol=1e-4, atol=1e-5)
+    for k, lams in local["methods"][METHOD]["lam"].items():   # lam learnt on the node, kept in its context.state
+        logits = grid.contexts[int(k)].state.array_records[MIXING_STATE].to_torch_state_dict()
+        assert {g: float(torch.sigmoid(v)) for g, v in logits.items()} == pytest.approx(lams, abs=1e-5)
+
+
 FAILING_CLIENT = 1
 
 

@@ -13,7 +13,9 @@ For any PEFT Flower app (the FlowerTune LLM template, say):
 This project's own experiment on Flower (the federation of `fedtreelora simulate`, all methods):
 
 - `strategy.PersonalisedStrategy`, `client_app.client_app()` / `client_app.app`,
-  `server_app.server_app()` / `server_app.app`, `messages` (their wire format).
+  `server_app.server_app()` / `server_app.app`, `messages` (their wire format);
+- `pool_nodes.pool_grid(pool)`: the experiment's clients as nodes for the `FedTreeLoRA` Strategy
+  (it then runs the rounds of `fedtreelora simulate --methods fedtreelora`).
 
 See docs/flower.md.
 """
