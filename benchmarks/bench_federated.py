@@ -12,7 +12,7 @@ accuracy, wall time, cuts) and federated.md (mean over seeds +- std over seeds o
 accuracy, and per seed the paired difference fedtreelora minus each method), two figures per
 setting (federated-<setting>-methods.png: mean accuracy per method with error bars over seeds;
 federated-<setting>-clients.png: each client's accuracy against local training's), and prints the
-table. A run replaces only the settings it ran (read-merge-write under a file lock), so
+table. A run replaces only the settings and methods it ran (read-merge-write under a file lock), so
 the two settings can run as two processes side by side (`--settings planted-groups --threads 1` and
 `--settings dirichlet-only --threads 1` on 2 cores). Long: about (#methods x 1 min + warm-up) per
 setting and seed on 2 CPU cores.
@@ -28,7 +28,7 @@ import numpy as np
 
 from fedtreelora.federation.config import ExperimentConfig
 from fedtreelora.federation.schedule import run_experiment
-from fedtreelora.federation.methods import METHODS
+from fedtreelora.federation.methods import METHODS, make_method
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SETTINGS = {name: CONFIGS / f"{name}.yaml" for name in ("planted-groups", "dirichlet-only", "hierarchical", "nlg-aclsum")}
@@ -86,13 +86,30 @@ def deepest_ari(method_state: dict, groups: list[int]) -> float | None:
     return float(adjusted_rand_score(groups, labels[-1]))
 
 
+MIXING_KEYS = {"mixing_lr", "mixing_init"}   # read only by methods that learn lam
+
+
+def still_valid(method: str, old_config: dict | None, config: dict) -> bool:
+    """Whether `method`'s stored results were measured under `config`: the same settings, or settings
+    that differ only in what the method never reads (how lam is learnt, for a method without a
+    learnt lam: local, FedIT, flat, the oracle, lam held fixed)."""
+    if old_config is None:
+        return False
+    changed = {k for k in set(old_config) | set(config) if old_config.get(k) != config.get(k)}
+    return not changed or (changed <= MIXING_KEYS and not make_method(method).learns_lam)
+
+
 def save(json_path: Path, results: dict, wall_s: float) -> dict:
-    """Merge this run's settings into federated.json (other settings' results are kept)."""
+    """Merge this run's settings and methods into federated.json: the methods it ran replace theirs;
+    other settings are kept, and so are other methods of a setting whose results `still_valid` holds."""
     from filelock import FileLock
     with FileLock(str(json_path) + ".lock"):
         old = json.loads(json_path.read_text()) if json_path.is_file() else {}
-        merged = {"settings": {**old.get("settings", {}), **{s: setting_config(s).to_dict() for s in results}},
-                  "results": {**old.get("results", {}), **results},
+        configs = {s: setting_config(s).to_dict() for s in results}
+        kept = {s: {m: v for m, v in old.get("results", {}).get(s, {}).items()
+                    if still_valid(m, old.get("settings", {}).get(s), configs[s])} for s in results}
+        merged = {"settings": {**old.get("settings", {}), **configs},
+                  "results": {**old.get("results", {}), **{s: {**kept[s], **results[s]} for s in results}},
                   "wall_s": {**old.get("wall_s", {}), **{s: wall_s for s in results}}}
         tmp = json_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(merged, indent=1))

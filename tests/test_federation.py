@@ -179,3 +179,19 @@ def test_mixing_ablations_hold_lam(model_path, tmp_path, monkeypatch):
     assert all(trains and not active for trains, _, active in one)         # no external: a plain LoRA
     assert all(v == 0.5 for lams in summary["methods"]["ablation-lam05"]["lam"].values() for v in lams.values())
     assert summary["methods"]["ablation-lam1"]["lam"] == {}
+
+
+def test_only_methods_that_learn_lam_read_the_mixing_settings(model_path, tmp_path):
+    # bench_federated keeps a method's stored results across a change of mixing_lr / mixing_init
+    # exactly when `learns_lam` is False: check that such methods' runs are bit-identical, and that a
+    # method that learns lam does change.
+    cfg = tiny_config(model_path)
+    fixed = [m for m in METHODS if not METHODS[m]().learns_lam]
+    assert {"local", "fedit", "flat", "oracle-groups", "ablation-lam1", "ablation-lam05"} <= set(fixed)
+    methods = fixed + ["fedtreelora"]
+    a = run_experiment(cfg, methods, tmp_path / "a", dataset=tiny_dataset(), progress=False)["methods"]
+    b = run_experiment(cfg.replace(mixing_lr=0.5, mixing_init=0.6), methods, tmp_path / "b", dataset=tiny_dataset(),
+                       progress=False)["methods"]
+    for name in fixed:
+        assert a[name]["history"] == b[name]["history"], name
+    assert a["fedtreelora"]["history"] != b["fedtreelora"]["history"]

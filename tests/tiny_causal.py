@@ -83,6 +83,6 @@ def tiny_causal_config(model_path: str, **changes):
     base = dict(task="causal_lm", model=model_path, dataset="unused", max_length=24, max_new_tokens=4,
                 num_clients=4, num_groups=2, samples_per_client=30, super_groups=0, dirichlet_alpha=1.0, train_fraction=2 / 3,
                 lora_r=2, lora_alpha=4.0, local_steps=2,
-                batch_size=8, lr=1e-2, warmup_rounds=1, rounds=2, fixed_clusters=2, seed=0, num_threads=1)
+                batch_size=8, lr=1e-2, mixing_lr=3e-2, warmup_rounds=1, rounds=2, fixed_clusters=2, seed=0, num_threads=1)
     base.update(changes)
     return ExperimentConfig.from_dict(base)

@@ -89,7 +89,7 @@ class ExperimentConfig:
     scheduler: Scheduler = _f("constant", "transformers scheduler name for each local run (constant, linear, cosine, ...)")
     warmup_steps: int = _f(0, "scheduler warm-up steps of each local run")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
-    mixing_lr: float = _f(3e-2, "learning rate of the mixing logits (lam = sigmoid(logit))")
+    mixing_lr: float = _f(0.2, "learning rate of the mixing logits (lam = sigmoid(logit)); Adam moves a logit by about lr per step, so 0.2 lets lam go from 0.8 to 0.99 (logit 1.4 to 4.6) within the 16 federated steps of the default run")
     mixing_init: float = _f(0.8, "initial lam (weight of the cluster expert)")
     # federation
     warmup_rounds: int = _f(2, "rounds of local-only training shared by all methods before the tree is built")

@@ -20,6 +20,12 @@ class Method:
     name = ""
     description = ""
     fixed_lam: float | None = None   # lam held at this value instead of learnt (the mixing ablation)
+    mixing = True                    # the clients receive an external expert to mix in
+
+    @property
+    def learns_lam(self) -> bool:
+        """Whether the clients learn lam (so `mixing_lr` and `mixing_init` matter to the method)."""
+        return self.mixing and self.fixed_lam is None
 
     def setup(self, warm_states: list[dict], weights: np.ndarray, config, groups: np.ndarray) -> None:
         """Called once after warm-up with the clients' adapters (and the true groups, for oracles only)."""
@@ -250,6 +256,7 @@ class FedTreeLoRA(Method):
 
 class FixedLamOne(FedTreeLoRA):
     name, description = "ablation-lam1", "ablation: FedTreeLoRA with lam fixed at 1 (the cluster expert alone, no external expert)"
+    mixing = False
 
     def aggregate(self, states, weights):
         return [(cluster, None) for cluster, _ in super().aggregate(states, weights)]
