@@ -140,22 +140,37 @@ __global__ void __launch_bounds__(kThreads)
 
 // Where the accumulators live and how wide a thread's columns are, chosen on the host.
 struct Plan {
-  bool vector;      // V = 16 / sizeof(x) (else 1)
-  bool shared;      // accumulators in shared memory (else the global workspace)
-  int64_t bytes;    // dynamic shared memory per block
+  bool vector;    // V = 16 / sizeof(x) (else 1)
+  bool shared;    // accumulators in shared memory (else the global workspace)
+  int64_t bytes;  // dynamic shared memory per block
 };
 
-Plan plan_for(const at::Tensor& x, int64_t n_clusters) {
+// The block never narrows below kThreads. Among the layouts whose accumulators fit in shared memory,
+// the one with more bytes of x in flight per SM (resident blocks x threads x kUnroll loads x their
+// width): vector loads need V times the shared memory, which can cost more resident blocks than the
+// wider loads bring. Past the shared memory, the global workspace.
+template <typename ScalarKernel, typename VectorKernel>
+Plan plan_for(const at::Tensor& x, int64_t n_clusters, ScalarKernel* scalar_kernel, VectorKernel* vector_kernel) {
   const int64_t elem = x.element_size();
   const int64_t vec = 16 / elem;
   // 16-byte loads need the row starts 16-byte aligned: the data pointer and the row stride.
   const bool aligned = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && (x.stride(0) * elem) % 16 == 0;
   const int64_t budget = shared_memory_budget();
-  const int64_t per_cluster = kThreads * static_cast<int64_t>(sizeof(double));  // for V = 1
-  // Widest first; the block never narrows below kThreads: past the shared memory, the workspace.
-  if (aligned && n_clusters * per_cluster * vec <= budget) return {true, true, n_clusters * per_cluster * vec};
-  if (n_clusters * per_cluster <= budget) return {false, true, n_clusters * per_cluster};
-  return {aligned, false, 0};
+  const int64_t scalar_bytes = n_clusters * kThreads * static_cast<int64_t>(sizeof(double));
+  const int64_t vector_bytes = scalar_bytes * vec;
+  const bool vector_fits = aligned && vector_bytes <= budget, scalar_fits = scalar_bytes <= budget;
+  if (!vector_fits && !scalar_fits) return {aligned, false, 0};
+  if (!scalar_fits) return {true, true, vector_bytes};
+  if (!vector_fits) return {false, true, scalar_bytes};
+  auto in_flight = [&](auto* kernel, int64_t width, int64_t bytes) {
+    allow_dynamic_shared_memory(kernel, bytes);
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, static_cast<size_t>(bytes)));
+    return static_cast<int64_t>(blocks) * kThreads * kUnroll * width * elem;
+  };
+  if (in_flight(vector_kernel, vec, vector_bytes) >= in_flight(scalar_kernel, 1, scalar_bytes))
+    return {true, true, vector_bytes};
+  return {false, true, scalar_bytes};
 }
 
 std::tuple<at::Tensor, at::Tensor> tree_reduce_cuda(const at::Tensor& x, const at::Tensor& layer_offsets,
@@ -189,7 +204,11 @@ std::tuple<at::Tensor, at::Tensor> tree_reduce_cuda(const at::Tensor& x, const a
   at::Tensor cluster = at::empty({n_clusters, p}, x.options());
   at::Tensor external = at::empty({n_clusters, p}, x.options());
   if (p == 0) return {cluster, external};
-  const Plan plan = plan_for(xs, n_clusters);
+  Plan plan{};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs.scalar_type(), "tree_reduce_cuda_plan", [&] {
+    constexpr int kVec = static_cast<int>(16 / sizeof(scalar_t));
+    plan = plan_for(xs, n_clusters, tree_reduce_kernel<scalar_t, 1>, tree_reduce_kernel<scalar_t, kVec>);
+  });
   const int64_t v = plan.vector ? 16 / static_cast<int64_t>(xs.element_size()) : 1;
 
   // Column tiles per layer, from the layer's first column rounded down to a multiple of V.

@@ -366,8 +366,9 @@ def _tree_reduce_layout(layout: str, n: int, dtype, seed: int, device):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64) + HALF_DTYPES)
 def test_tree_reduce_load_and_accumulator_paths(cuda, dtype, layout, n_clusters):
     """Every kernel variant: vector or scalar loads (alignment of x's rows, the row's tail), and the
-    [C, V, 256] float64 accumulators in shared memory (C = 1, 5 and 40: above 48 KiB with the opt-in,
-    falling back to V = 1 for C = 40 in 16- and 32-bit types) or in the global workspace (C = 150)."""
+    [C, V, 256] float64 accumulators in shared memory (C = 1, 5 and 40: above 48 KiB with the opt-in;
+    V = 1 where V columns per thread do not fit or leave fewer bytes in flight) or in the global
+    workspace (C = 150)."""
     n = 2 * n_clusters + 3
     x, x_dev, offsets = _tree_reduce_layout(layout, n, dtype, seed=n_clusters, device=cuda)
     gen = torch.Generator().manual_seed(n_clusters)
