@@ -39,6 +39,10 @@ def ahead_of_time_extensions():
     sys.modules[spec.name] = build  # dataclasses look their module up there
     spec.loader.exec_module(build)
     plan = build.build_plan(CSRC)
+    if plan.with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        # A wheel outlives the build machine: A100 and H100 code plus sm_90 PTX, which newer GPUs
+        # JIT-compile (as CMakeLists.txt), rather than only the architectures of the GPUs seen here.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     kind = cpp_extension.CUDAExtension if plan.with_cuda else cpp_extension.CppExtension
     ext = kind(
         name="fedtreelora._C",

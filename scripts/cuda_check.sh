@@ -11,7 +11,8 @@
 #   PYTHON (python3) to create the venv, CUDA_VENV (the cached venv's path), TORCH_CUDA_PIN (torch==2.14.1),
 #   CUDA_CHECK_PYTHON (an interpreter with a CUDA torch to use instead of the venv),
 #   FEDTREELORA_CUDA_CACHE_DIR (~/.cache/fedtreelora/cuda-check: the JIT build and the files that passed),
-#   CUDA_CHECK_ARCHS ("80 90"), CUDA_CHECK_TESTS (the test files of step 3), PYTEST_ARGS (extra pytest arguments).
+#   CUDA_CHECK_ARCHS ("80 90"), CUDA_CHECK_JOBS (files compiled at once: a job per 4 cores),
+#   CUDA_CHECK_TESTS (the test files of step 3; "none": no tests), PYTEST_ARGS (extra pytest arguments).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -69,6 +70,7 @@ PY
       rm -rf "$VENV"  # a half-built venv from an interrupted run
       "$BASE_PY" -m venv "$VENV"
       "$PY" -m pip install -qq --upgrade pip
+      # shellcheck disable=SC2086  # DEPS is a list of requirement specifiers, split on purpose
       "$PY" -m pip install -qq "$TORCH_CUDA_PIN" $DEPS
       touch "$STAMP"
       say "venv ready in $(( $(date +%s) - started )) s"
@@ -138,20 +140,39 @@ failed=()
 shopt -s nullglob
 CU_FILES=(csrc/cuda/*.cu)
 [ ${#CU_FILES[@]} -gt 0 ] || say "no csrc/cuda/*.cu files to compile"
+# Files compile side by side, CUDA_CHECK_JOBS at a time (default: a job per 4 cores; nvcc's --threads 0
+# already spreads one file's architectures), each into its own log, printed when it ends.
+JOBS=${CUDA_CHECK_JOBS:-$(( $(nproc) / 4 > 1 ? $(nproc) / 4 : 1 ))}
+pending_cu=() pending_pid=() pending_key=()
+finish_oldest() {
+  local cu=${pending_cu[0]} pid=${pending_pid[0]} key=${pending_key[0]}
+  local log
+  log="$OBJ_DIR/$(basename "$cu" .cu).log"
+  if wait "$pid"; then
+    cat "$log"
+    touch "$PASSED_DIR/$key"
+    say "compiled $cu for sm_${ARCHS// /, sm_} without warnings"
+    compiled=$((compiled + 1))
+  else
+    cat "$log"
+    say "$cu does not compile cleanly for sm_${ARCHS// /, sm_} (nvcc's messages above)"
+    failed+=("$cu")
+  fi
+  pending_cu=("${pending_cu[@]:1}") pending_pid=("${pending_pid[@]:1}") pending_key=("${pending_key[@]:1}")
+}
 for cu in "${CU_FILES[@]}"; do
   key=$( { cat "$cu"; echo "$HEADERS_KEY ${NVCC_ARGS[*]} $CUDA_VERSION $TORCH_VERSION"; } | sha256sum | cut -c1-24)
   if [ -f "$PASSED_DIR/$key" ]; then
     say "$cu unchanged since it compiled cleanly for sm_${ARCHS// /, sm_}"
-  elif "$NVCC" -c "$cu" -o "$OBJ_DIR/$(basename "$cu" .cu).o" "${NVCC_ARGS[@]}"; then
-    touch "$PASSED_DIR/$key"
-    say "compiled $cu for sm_${ARCHS// /, sm_} without warnings"
-  else
-    say "$cu does not compile cleanly for sm_${ARCHS// /, sm_} (nvcc's messages above)"
-    failed+=("$cu")
+    compiled=$((compiled + 1))
     continue
   fi
-  compiled=$((compiled + 1))
+  [ ${#pending_pid[@]} -lt "$JOBS" ] || finish_oldest
+  name=$(basename "$cu" .cu)
+  "$NVCC" -c "$cu" -o "$OBJ_DIR/$name.o" "${NVCC_ARGS[@]}" > "$OBJ_DIR/$name.log" 2>&1 &
+  pending_cu+=("$cu") pending_pid+=($!) pending_key+=("$key")
 done
+while [ ${#pending_pid[@]} -gt 0 ]; do finish_oldest; done
 if [ ${#failed[@]} -gt 0 ]; then
   say "FAILED: ${failed[*]} did not compile cleanly with warnings as errors"
   exit 1
@@ -184,6 +205,10 @@ PY
 # The suites that exercise the native library (the ops, and the tree and aggregate built on them);
 # the federated and Flower suites train models and gain nothing from another build.
 CUDA_CHECK_TESTS=${CUDA_CHECK_TESTS:-"tests/test_build.py tests/test_compile.py tests/test_fuzz_ops.py tests/test_layer_distances.py tests/test_linkage.py tests/test_cut_tree.py tests/test_silhouette.py tests/test_tree_reduce.py tests/test_tree.py tests/test_aggregate.py"}
+if [ "$CUDA_CHECK_TESTS" = none ]; then
+  say "OK: ${compiled} .cu file(s) warning-free under nvcc, CUDA build loads with all 5 ops registered for CUDA; CPU tests not run (CUDA_CHECK_TESTS=none) (torch $TORCH_VERSION, nvcc $CUDA_VERSION)"
+  exit 0
+fi
 say "CPU tests of the native ops against the CUDA build"
 # shellcheck disable=SC2086
 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider ${PYTEST_ARGS:-} $CUDA_CHECK_TESTS

@@ -1,9 +1,11 @@
-// tree_reduce on CUDA: one thread per column. Consecutive threads own consecutive columns, so each
-// client's row of x is read once and coalesced. Clients are visited cluster by cluster (grouped once
-// per layer on the host, as the CPU kernel does), so each cluster's weighted sum builds up in a float64
-// register; the C sums of a column wait in shared memory (or a global workspace when C is too large
-// for it) until the column total is known. The per-cluster means are the same arithmetic as on CPU
-// (tree_reduce_math.h).
+// tree_reduce on CUDA: blocks of 256 threads over column tiles that never cross a layer (as the CPU
+// kernel's chunks). Each thread owns V consecutive columns (V * sizeof(x) = 16 bytes, one vector load
+// per client row, where x's pointer and row stride allow; else V = 1) and walks the clients cluster
+// by cluster (grouped once per call on the host, as on CPU), eight rows' loads in flight at a time,
+// each cluster's weighted sums building up in float64 registers. The C sums of a column wait in
+// shared memory (opted in above 48 KiB) or, when C is too large for it, in a global workspace, until
+// the column total is known. The per-cluster means are the CPU's arithmetic (tree_reduce_math.h).
+// Deterministic: every sum runs in client order within a cluster, with no atomics.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -12,8 +14,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
 
+#include "cuda_launch.h"
 #include "nvtx_range.h"
 #include "op_checks.h"
 #include "tree_reduce_groups.h"
@@ -22,55 +27,150 @@
 namespace fedtreelora {
 namespace {
 
-constexpr int64_t kSharedBytes = 48 * 1024;  // the default limit of dynamic shared memory per block
-constexpr int kMaxThreads = 256;
-constexpr int kMinThreads = 32;
+constexpr int kThreads = 256;
+constexpr int kUnroll = 8;  // client rows loaded before their sums are taken: 8 x 16 bytes in flight per thread
 
-// The layer owning column col: the last l with offsets[l] <= col.
-__device__ inline int64_t layer_of(const int64_t* offsets, int64_t n_layers, int64_t col) {
-  int64_t lo = 0, hi = n_layers - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) / 2;
-    if (offsets[mid] <= col) lo = mid; else hi = mid - 1;
-  }
-  return lo;
+// V elements moved as one 16-byte (or 8-, 4-byte) access; alignment is the host's to guarantee.
+template <typename scalar_t, int V>
+struct alignas(sizeof(scalar_t) * V) Pack {
+  scalar_t v[V];
+};
+
+template <typename scalar_t, int V>
+__device__ inline Pack<scalar_t, V> load_pack(const scalar_t* p) {
+  return *reinterpret_cast<const Pack<scalar_t, V>*>(p);
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kMaxThreads) tree_reduce_kernel(const scalar_t* __restrict__ x, int64_t row_stride, int64_t n, int64_t p,
-                                   const int64_t* __restrict__ offsets, int64_t n_layers,
-                                   const int64_t* __restrict__ members, const double* __restrict__ member_weight,
-                                   const int64_t* __restrict__ start, const double* __restrict__ cluster_weight,
-                                   const double* __restrict__ total_weight, int64_t n_clusters,
-                                   double* __restrict__ global_acc, scalar_t* __restrict__ cluster_out,
-                                   scalar_t* __restrict__ external_out) {
+// Block b covers columns tile_begin[b] + [0, kThreads * V) of layer tile_layer[b]; tile_begin is
+// rounded down to a multiple of V (so that vector loads are aligned) and thread lanes outside the
+// layer's columns compute but write nothing. acc: [C][V][kThreads] doubles, shared or, with a
+// workspace, the block's own slice of it (conflict-free and coalesced either way).
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kThreads)
+    tree_reduce_kernel(const scalar_t* __restrict__ x, int64_t row_stride, int64_t n, int64_t p,
+                       const int64_t* __restrict__ offsets, const int64_t* __restrict__ tile_layer,
+                       const int64_t* __restrict__ tile_begin, const int64_t* __restrict__ members,
+                       const double* __restrict__ member_weight, const int64_t* __restrict__ start,
+                       const double* __restrict__ cluster_weight, const double* __restrict__ total_weight,
+                       int64_t n_clusters, double* __restrict__ workspace, scalar_t* __restrict__ cluster_out,
+                       scalar_t* __restrict__ external_out) {
   extern __shared__ double shared_acc[];
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= p) return;  // no block-wide synchronisation below, so leaving early is safe
-  // Cluster c's sum for this column is kept in acc[c * stride] until the total is known.
-  double* acc = global_acc != nullptr ? global_acc + col : shared_acc + threadIdx.x;
-  const int64_t stride = global_acc != nullptr ? p : static_cast<int64_t>(blockDim.x);
+  const int64_t tile = blockIdx.x;
+  const int64_t layer = tile_layer[tile];
+  const int64_t lo = offsets[layer], hi = offsets[layer + 1];
+  const int64_t col0 = tile_begin[tile] + static_cast<int64_t>(threadIdx.x) * V;
+  if (col0 + V <= lo || col0 >= hi) return;  // none of this thread's columns is the layer's; no barriers below
+  double* acc = (workspace != nullptr ? workspace + tile * n_clusters * V * kThreads : shared_acc) + threadIdx.x;
+  const bool whole = col0 + V <= p;  // all V columns inside the row: one vector load per client
 
-  const int64_t layer = layer_of(offsets, n_layers, col);
   // The same for every thread of the layer: broadcast reads.
   const int64_t* mem = members + layer * n;
   const double* mw = member_weight + layer * n;
   const int64_t* st = start + layer * (n_clusters + 1);
-  double total = 0.0;
+  double total[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) total[e] = 0.0;
   for (int64_t c = 0; c < n_clusters; ++c) {
-    double sum = 0.0;  // in a register: the client loop is one coalesced load and one FMA per client
-#pragma unroll 4
-    for (int64_t t = st[c]; t < st[c + 1]; ++t) sum += mw[t] * static_cast<double>(x[mem[t] * row_stride + col]);
-    acc[c * stride] = sum;
-    total += sum;
+    double sum[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) sum[e] = 0.0;
+    int64_t t = st[c];
+    const int64_t end = st[c + 1];
+    if (whole) {
+      for (; t + kUnroll <= end; t += kUnroll) {
+        Pack<scalar_t, V> v[kUnroll];
+        double w[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          w[u] = mw[t + u];
+          v[u] = load_pack<scalar_t, V>(x + mem[t + u] * row_stride + col0);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+          for (int e = 0; e < V; ++e) sum[e] += w[u] * static_cast<double>(v[u].v[e]);
+      }
+      for (; t < end; ++t) {
+        const Pack<scalar_t, V> v = load_pack<scalar_t, V>(x + mem[t] * row_stride + col0);
+#pragma unroll
+        for (int e = 0; e < V; ++e) sum[e] += mw[t] * static_cast<double>(v.v[e]);
+      }
+    } else {  // the row's last, partial vector: scalar loads of the columns that exist
+      for (; t < end; ++t) {
+        const scalar_t* row = x + mem[t] * row_stride;
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+          if (col0 + e < p) sum[e] += mw[t] * static_cast<double>(row[col0 + e]);
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      acc[(c * V + e) * kThreads] = sum[e];
+      total[e] += sum[e];
+    }
   }
+
+  // Epilogue: the means, written as one vector per thread where all V columns are the layer's and
+  // the outputs' rows keep the alignment (p a multiple of V), else column by column.
   const double* cw = cluster_weight + layer * n_clusters;
+  const double tw = total_weight[layer];
+  const bool vector_store = V > 1 && col0 >= lo && col0 + V <= hi && p % V == 0;
   for (int64_t c = 0; c < n_clusters; ++c) {
-    const double sum = acc[c * stride];
     const int64_t count = st[c + 1] - st[c];
-    cluster_out[c * p + col] = static_cast<scalar_t>(cluster_mean(sum, cw[c], count));
-    external_out[c * p + col] = static_cast<scalar_t>(external_mean(total, sum, total_weight[layer], cw[c], count, n));
+    Pack<scalar_t, V> cl, ex;
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const double sum = acc[(c * V + e) * kThreads];
+      cl.v[e] = static_cast<scalar_t>(cluster_mean(sum, cw[c], count));
+      ex.v[e] = static_cast<scalar_t>(external_mean(total[e], sum, tw, cw[c], count, n));
+    }
+    if (vector_store) {
+      *reinterpret_cast<Pack<scalar_t, V>*>(cluster_out + c * p + col0) = cl;
+      *reinterpret_cast<Pack<scalar_t, V>*>(external_out + c * p + col0) = ex;
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        if (col0 + e < lo || col0 + e >= hi) continue;
+        cluster_out[c * p + col0 + e] = cl.v[e];
+        external_out[c * p + col0 + e] = ex.v[e];
+      }
+    }
   }
+}
+
+// Where the accumulators live and how wide a thread's columns are, chosen on the host.
+struct Plan {
+  bool vector;    // V = 16 / sizeof(x) (else 1)
+  bool shared;    // accumulators in shared memory (else the global workspace)
+  int64_t bytes;  // dynamic shared memory per block
+};
+
+// The block never narrows below kThreads. Among the layouts whose accumulators fit in shared memory,
+// the one with more bytes of x in flight per SM (resident blocks x threads x kUnroll loads x their
+// width): vector loads need V times the shared memory, which can cost more resident blocks than the
+// wider loads bring. Past the shared memory, the global workspace.
+template <typename ScalarKernel, typename VectorKernel>
+Plan plan_for(const at::Tensor& x, int64_t n_clusters, ScalarKernel* scalar_kernel, VectorKernel* vector_kernel) {
+  const int64_t elem = x.element_size();
+  const int64_t vec = 16 / elem;
+  // 16-byte loads need the row starts 16-byte aligned: the data pointer and the row stride.
+  const bool aligned = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && (x.stride(0) * elem) % 16 == 0;
+  const int64_t budget = shared_memory_budget();
+  const int64_t scalar_bytes = n_clusters * kThreads * static_cast<int64_t>(sizeof(double));
+  const int64_t vector_bytes = scalar_bytes * vec;
+  const bool vector_fits = aligned && vector_bytes <= budget, scalar_fits = scalar_bytes <= budget;
+  if (!vector_fits && !scalar_fits) return {aligned, false, 0};
+  if (!scalar_fits) return {true, true, vector_bytes};
+  if (!vector_fits) return {false, true, scalar_bytes};
+  auto in_flight = [&](auto* kernel, int64_t width, int64_t bytes) {
+    allow_dynamic_shared_memory(kernel, bytes);
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, static_cast<size_t>(bytes)));
+    return static_cast<int64_t>(blocks) * kThreads * kUnroll * width * elem;
+  };
+  if (in_flight(vector_kernel, vec, vector_bytes) >= in_flight(scalar_kernel, 1, scalar_bytes))
+    return {true, true, vector_bytes};
+  return {false, true, scalar_bytes};
 }
 
 std::tuple<at::Tensor, at::Tensor> tree_reduce_cuda(const at::Tensor& x, const at::Tensor& layer_offsets,
@@ -82,23 +182,50 @@ std::tuple<at::Tensor, at::Tensor> tree_reduce_cuda(const at::Tensor& x, const a
                       "tree_reduce (CUDA kernel): x, layer_offsets, labels and weights must be on one CUDA device, got ",
                       x.device(), ", ", layer_offsets.device(), ", ", labels.device(), ", ", weights.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  const std::vector<int64_t> offsets = check_tree_reduce_args(x, layer_offsets, labels, weights, n_clusters);
-  const int64_t n = x.size(0), p = x.size(1), n_layers = static_cast<int64_t>(offsets.size()) - 1;
-  const int64_t* o = offsets.data();
-  // The clients grouped by cluster on the host, as on CPU (tree_reduce_groups.h: deterministic, and
-  // it refuses bad labels and weights with the CPU's messages): one device-to-host copy of labels and
-  // weights and one stream sync, then one upload of the groups. No ATen sort/scatter kernels, no
-  // atomics, no further syncs.
+  check_tree_reduce_shapes(x, layer_offsets, labels, weights, n_clusters);
+  const int64_t n = x.size(0), p = x.size(1), n_layers = layer_offsets.numel() - 1;
+  // Offsets, labels and weights to the host in one go: three copies, the one stream sync. Then the
+  // CPU's checks and grouping (tree_reduce_groups.h: deterministic, the CPU's messages), and one
+  // upload of the groups and the column tiles. No ATen sort/scatter kernels, no further syncs.
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto pinned = at::TensorOptions().device(at::kCPU).pinned_memory(true);
+  at::Tensor off_host = at::empty({n_layers + 1}, pinned.dtype(at::kLong));
   at::Tensor lab_host = at::empty(labels.sizes(), pinned.dtype(at::kLong));
   at::Tensor w_host = at::empty(weights.sizes(), pinned.dtype(at::kDouble));
+  off_host.copy_(layer_offsets, /*non_blocking=*/true);
   lab_host.copy_(labels, /*non_blocking=*/true);
   w_host.copy_(weights, /*non_blocking=*/true);
-  at::cuda::getCurrentCUDAStream().synchronize();
+  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+  const int64_t* o = off_host.data_ptr<int64_t>();
+  check_tree_reduce_offsets(o, n_layers, p);
   const LayerClusters lc = group_clients(lab_host.data_ptr<int64_t>(), w_host.data_ptr<double>(), n_layers, n, n_clusters);
-  // int64 block: members [L, N], start [L, C + 1], offsets [L + 1]; double block: member weights
-  // [L, N], cluster weights [L, C], total weights [L].
-  const int64_t n_ints = n_layers * n + n_layers * (n_clusters + 1) + n_layers + 1;
+
+  const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();  // rows may be strided, columns not
+  at::Tensor cluster = at::empty({n_clusters, p}, x.options());
+  at::Tensor external = at::empty({n_clusters, p}, x.options());
+  if (p == 0) return {cluster, external};
+  Plan plan{};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs.scalar_type(), "tree_reduce_cuda_plan", [&] {
+    constexpr int kVec = static_cast<int>(16 / sizeof(scalar_t));
+    plan = plan_for(xs, n_clusters, tree_reduce_kernel<scalar_t, 1>, tree_reduce_kernel<scalar_t, kVec>);
+  });
+  const int64_t v = plan.vector ? 16 / static_cast<int64_t>(xs.element_size()) : 1;
+
+  // Column tiles per layer, from the layer's first column rounded down to a multiple of V.
+  std::vector<int64_t> tile_layer, tile_begin;
+  const int64_t width = kThreads * v;
+  for (int64_t l = 0; l < n_layers; ++l)
+    for (int64_t c0 = o[l] / v * v; c0 < o[l + 1]; c0 += width) {
+      tile_layer.push_back(l);
+      tile_begin.push_back(c0);
+    }
+  const int64_t n_tiles = static_cast<int64_t>(tile_layer.size());
+  TORCH_CHECK_VALUE(n_tiles <= std::numeric_limits<int32_t>::max(), "tree_reduce: too many columns for one CUDA grid (", p,
+                    ")");
+
+  // int64 block: members [L, N], start [L, C + 1], offsets [L + 1], tile layers and begins [tiles];
+  // double block: member weights [L, N], cluster weights [L, C], total weights [L].
+  const int64_t n_ints = n_layers * n + n_layers * (n_clusters + 1) + n_layers + 1 + 2 * n_tiles;
   const int64_t n_doubles = n_layers * n + n_layers * n_clusters + n_layers;
   at::Tensor ints = at::empty({n_ints}, pinned.dtype(at::kLong));
   at::Tensor doubles = at::empty({n_doubles}, pinned.dtype(at::kDouble));
@@ -109,40 +236,44 @@ std::tuple<at::Tensor, at::Tensor> tree_reduce_cuda(const at::Tensor& x, const a
     ip[t] = lc.members[t];
     dp[t] = wh[lc.members[t]];
   }
-  std::copy(lc.start.begin(), lc.start.end(), ip + n_layers * n);
-  std::copy(o, o + n_layers + 1, ip + n_layers * n + n_layers * (n_clusters + 1));
+  int64_t* ip_start = ip + n_layers * n;
+  int64_t* ip_offsets = ip_start + n_layers * (n_clusters + 1);
+  int64_t* ip_tile_layer = ip_offsets + n_layers + 1;
+  int64_t* ip_tile_begin = ip_tile_layer + n_tiles;
+  std::copy(lc.start.begin(), lc.start.end(), ip_start);
+  std::copy(o, o + n_layers + 1, ip_offsets);
+  std::copy(tile_layer.begin(), tile_layer.end(), ip_tile_layer);
+  std::copy(tile_begin.begin(), tile_begin.end(), ip_tile_begin);
   std::copy(lc.weight.begin(), lc.weight.end(), dp + n_layers * n);
   std::copy(lc.total.begin(), lc.total.end(), dp + n_layers * n + n_layers * n_clusters);
-  const at::Tensor ints_dev = ints.to(x.device(), /*non_blocking=*/true);  // pinned: the caching host
+  const at::Tensor ints_dev = ints.to(x.device(), /*non_blocking=*/true);        // pinned: the caching host
   const at::Tensor doubles_dev = doubles.to(x.device(), /*non_blocking=*/true);  // allocator keeps them alive
   const int64_t* members = ints_dev.data_ptr<int64_t>();
   const int64_t* start = members + n_layers * n;
   const int64_t* off_dev = start + n_layers * (n_clusters + 1);
+  const int64_t* tl_dev = off_dev + n_layers + 1;
+  const int64_t* tb_dev = tl_dev + n_tiles;
   const double* member_weight = doubles_dev.data_ptr<double>();
   const double* cluster_weight = member_weight + n_layers * n;
   const double* total_weight = cluster_weight + n_layers * n_clusters;
 
-  const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();  // rows may be strided, columns not
-  at::Tensor cluster = at::empty({n_clusters, p}, x.options());
-  at::Tensor external = at::empty({n_clusters, p}, x.options());
-  if (p == 0) return {cluster, external};
-
-  // The widest block (a power of two) whose [C, threads] float64 accumulators fit in shared memory.
-  int threads = kMaxThreads;
-  while (threads > kMinThreads && n_clusters * threads * static_cast<int64_t>(sizeof(double)) > kSharedBytes) threads /= 2;
-  const bool shared = n_clusters * threads * static_cast<int64_t>(sizeof(double)) <= kSharedBytes;
   at::Tensor workspace;
-  if (!shared) workspace = at::empty({n_clusters, p}, x.options().dtype(at::kDouble));
-  const size_t shared_bytes = shared ? static_cast<size_t>(n_clusters * threads) * sizeof(double) : 0;
-  const int64_t blocks = (p + threads - 1) / threads;
-  TORCH_CHECK_VALUE(blocks <= 0x7fffffff, "tree_reduce: too many columns for one CUDA grid (", p, ")");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tree_reduce_cuda", [&] {
-    tree_reduce_kernel<scalar_t><<<static_cast<unsigned int>(blocks), threads, shared_bytes,
-                                   at::cuda::getCurrentCUDAStream()>>>(
-        xs.data_ptr<scalar_t>(), xs.stride(0), n, p, off_dev, n_layers, members, member_weight, start, cluster_weight,
-        total_weight, n_clusters, shared ? nullptr : workspace.data_ptr<double>(),
-        cluster.data_ptr<scalar_t>(), external.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!plan.shared) workspace = at::empty({n_tiles * n_clusters * v * kThreads}, x.options().dtype(at::kDouble));
+  double* ws = plan.shared ? nullptr : workspace.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs.scalar_type(), "tree_reduce_cuda", [&] {
+    constexpr int kVec = static_cast<int>(16 / sizeof(scalar_t));
+    auto launch = [&](auto kernel) {
+      allow_dynamic_shared_memory(kernel, plan.bytes);
+      kernel<<<static_cast<unsigned int>(n_tiles), kThreads, static_cast<size_t>(plan.bytes), stream>>>(
+          xs.data_ptr<scalar_t>(), xs.stride(0), n, p, off_dev, tl_dev, tb_dev, members, member_weight, start,
+          cluster_weight, total_weight, n_clusters, ws, cluster.data_ptr<scalar_t>(), external.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (plan.vector) {
+      launch(tree_reduce_kernel<scalar_t, kVec>);
+    } else {
+      launch(tree_reduce_kernel<scalar_t, 1>);
+    }
   });
   return {cluster, external};
 }

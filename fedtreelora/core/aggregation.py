@@ -100,8 +100,7 @@ def aggregate(client_states, weights=None, tree: AggregationTree | None = None, 
     Notes
     -----
     With one client there is nothing to share: its state comes back unchanged (as a copy) with a
-    warning. Results are in the input dtype, accumulated in float64 on CPU (float32 or better on
-    CUDA).
+    warning. Results are in the input dtype, accumulated in float64 (on CPU and CUDA alike).
 
     Examples
     --------

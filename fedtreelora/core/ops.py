@@ -401,8 +401,8 @@ def tree_reduce(x: torch.Tensor, layer_offsets: torch.Tensor, labels: torch.Tens
     x: [N, P]; layer_offsets: int64 [L+1]; labels: int64 [L, N], the cluster of each client in each
     layer; weights: [N] finite and > 0 (sample counts, say); n_clusters: C, default 1 + max label
     (pass it to avoid a device sync and under torch.compile).
-    Returns (cluster_mean [C, P], external_mean [C, P]) in x's dtype, accumulated in float64 on CPU
-    and float32 or better on CUDA: in the columns of layer l, row c is the weighted mean over the clients with
+    Returns (cluster_mean [C, P], external_mean [C, P]) in x's dtype, accumulated in float64 (the CPU
+    and CUDA kernels alike): in the columns of layer l, row c is the weighted mean over the clients with
     labels[l] == c, and the weighted mean over all the others; an external row whose cluster holds
     every client is 0, and so are the rows of a label absent from layer l.
 

@@ -65,8 +65,9 @@ def _check_distances(x: torch.Tensor, offsets: torch.Tensor, metric: str, device
        seed=st.integers(0, 2**31 - 1))
 def test_layer_distances_matches_cpu(cuda, n, widths, metric, dtype, seed):
     x, offsets = _rows(n, widths, dtype, seed)
-    # Half inputs are converted exactly to float32 on both sides; only accumulation order differs.
-    _check_distances(x, offsets, metric, cuda, rtol=1e-4 if dtype == torch.float32 else 1e-3)
+    # Half inputs are converted exactly to float32 on both sides, so they get float32's tolerance:
+    # only the GEMMs' accumulation order differs.
+    _check_distances(x, offsets, metric, cuda, rtol=1e-4)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 257])
@@ -143,9 +144,11 @@ _REDUCE_TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-10, 1e-10), torch
                torch.bfloat16: (2 ** -7, 2 ** -7)}
 
 
-def _check_tree_reduce(x, offsets, labels, weights, device):
+def _check_tree_reduce(x, offsets, labels, weights, device, x_dev=None):
+    """The CUDA op against the CPU op; x_dev: x's values on the device in a layout of the test's own
+    (a view with row strides or a misaligned start), else x copied."""
     n_clusters = int(labels.max()) + 1
-    args = [t.to(device) for t in (x, offsets, labels, weights)]
+    args = [x.to(device) if x_dev is None else x_dev] + [t.to(device) for t in (offsets, labels, weights)]
     before = [t.clone() for t in args]
     cluster, external = ops.tree_reduce(*args, n_clusters=n_clusters)
     _assert_on(device, cluster, external)
@@ -163,6 +166,7 @@ def _check_tree_reduce(x, offsets, labels, weights, device):
                                        msg=lambda m: f"layer {layer}: {m}")
         everyone = present[(labels[layer] == present[:, None]).all(1)]
         assert not bool(external.cpu()[everyone, cols].any()), "a cluster of every client has a non-zero external mean"
+    return cluster, external
 
 
 @FUZZ
@@ -327,24 +331,144 @@ def test_half_silhouette(cuda, dtype):
 
 
 def test_tree_reduce_workspace_path_and_row_strided_x(cuda):
-    """C > 192 clusters: the accumulators live in the global workspace; x a row-strided view (its
-    columns unit-stride, rows a slice of a wider tensor), read without a copy."""
+    """C = 250 clusters: [C, 256] float64 accumulators (500 KiB) exceed any GPU's shared memory, so
+    they live in the global workspace; x a row-strided view (its columns unit-stride, rows a slice of a
+    wider tensor), read without a copy."""
     n = 400
-    wide, offsets = _rows(n, [300, 212], seed=12)
+    wide, _ = _rows(n, [300, 212], seed=12)
     x = wide[:, :400]
     offsets = torch.tensor([0, 300, 400])
     assert x.stride() == (512, 1)
     labels = torch.stack([torch.arange(n) % 250, torch.arange(n) % 7])
-    _check_tree_reduce(x, offsets, labels, torch.rand(n, dtype=torch.float64) + 1, cuda)
+    _check_tree_reduce(x, offsets, labels, torch.rand(n, dtype=torch.float64) + 1, cuda,
+                       x_dev=wide.to(cuda)[:, :400])
 
 
-def test_silhouette_label_tiles_beyond_4096(cuda):
-    """N > 4096 clients: labels beyond the kernel's shared-memory tile of 4096 cluster slots."""
-    n = 4200
+def _tree_reduce_layout(layout: str, n: int, dtype, seed: int, device):
+    """(x on the CPU, the same values on the device in the given layout, offsets)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 129, generator=gen).to(dtype)
+    dev = base.to(device)
+    if layout == "aligned":  # 16-byte aligned rows: vector loads and stores throughout
+        widths, view = [37, 2, 65], lambda t: t[:, :104].contiguous()
+    elif layout == "misaligned":  # starts 1 element into the storage, odd row stride: scalar loads
+        widths, view = [37, 2, 65], lambda t: t[:, 1:105]
+    else:  # aligned row stride (128 elements) but P = 103: the row's last vector is loaded by scalars
+        base, dev = base[:, :128].contiguous(), dev[:, :128].contiguous()
+        widths, view = [37, 1, 65], lambda t: t[:, :103]
+    x_dev = view(dev)
+    assert x_dev.stride(1) == 1 and (x_dev.storage_offset() == 1) == (layout == "misaligned")
+    return view(base).contiguous(), x_dev, _offsets(widths)
+
+
+@pytest.mark.parametrize("n_clusters", [1, 5, 40, 150])
+@pytest.mark.parametrize("layout", ["aligned", "misaligned", "row_strided_tail"])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64) + HALF_DTYPES)
+def test_tree_reduce_load_and_accumulator_paths(cuda, dtype, layout, n_clusters):
+    """Every kernel variant: vector or scalar loads (alignment of x's rows, the row's tail), and the
+    [C, V, 256] float64 accumulators in shared memory (C = 1, 5 and 40: above 48 KiB with the opt-in;
+    V = 1 where V columns per thread do not fit or leave fewer bytes in flight) or in the global
+    workspace (C = 150)."""
+    n = 2 * n_clusters + 3
+    x, x_dev, offsets = _tree_reduce_layout(layout, n, dtype, seed=n_clusters, device=cuda)
+    gen = torch.Generator().manual_seed(n_clusters)
+    labels = torch.stack([torch.arange(n) % n_clusters, torch.randint(0, n_clusters, (n,), generator=gen),
+                          torch.randperm(n, generator=gen) % n_clusters])
+    weights = torch.rand(n, generator=gen, dtype=torch.float64) * 9 + 1
+    _check_tree_reduce(x, offsets, labels, weights, cuda, x_dev=x_dev)
+
+
+@pytest.mark.parametrize("layout", ["aligned", "misaligned"])
+def test_tree_reduce_forced_workspace_is_bit_identical(cuda, monkeypatch, layout):
+    """With the shared-memory budget capped (FEDTREELORA_CUDA_SHARED_BYTES), small C takes the
+    workspace path; the sums run in the same order either way, so the outputs are the same bits."""
+    x, x_dev, offsets = _tree_reduce_layout(layout, 50, torch.float32, seed=3, device=cuda)
+    labels = _labels(3, 50, 6, seed=3)
+    weights = torch.rand(50, dtype=torch.float64) + 1
+    args = (offsets.to(cuda), labels.to(cuda), weights.to(cuda))
+    in_shared = ops.tree_reduce(x_dev, *args, n_clusters=int(labels.max()) + 1)
+    monkeypatch.setenv("FEDTREELORA_CUDA_SHARED_BYTES", "4096")  # < 6 clusters x 256 threads x 8 bytes
+    in_workspace = _check_tree_reduce(x, offsets, labels, weights, cuda, x_dev=x_dev)
+    for a, b in zip(in_shared, in_workspace):
+        assert torch.equal(a, b)
+
+
+def test_tree_reduce_and_silhouette_are_deterministic(cuda):
+    x, offsets = _rows(300, [1000, 77], seed=21)
+    labels = _labels(2, 300, 9, seed=21)
+    weights = torch.rand(300, dtype=torch.float64) + 1
+    args = [t.to(cuda) for t in (x, offsets, labels, weights)]
+    first, second = ops.tree_reduce(*args), ops.tree_reduce(*args)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    d, _ = ops.layer_distances(args[0], args[1])
+    part = torch.stack([_labels(4, 300, 12, seed=22 + l) for l in range(2)]).to(cuda)
+    assert torch.equal(ops.silhouette(d, part), ops.silhouette(d, part))
+
+
+# ------------------------------------------------------------------------------- silhouette's paths
+def _planar_distances(n: int, n_layers: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_layers):
+        pts = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+        d = torch.cdist(pts, pts)
+        out.append(((d + d.T) / 2).fill_diagonal_(0))
+    return torch.stack(out).to(dtype)
+
+
+def test_silhouette_many_classes_opt_in_shared_memory(cuda):
+    """About 6,400 refinement classes: their float64 sums (> 48 KiB) need the shared-memory opt-in.
+    Label values spread over [0, N) (the kernel renumbers them), one partition of few large clusters
+    whose classes cross many threads' slices."""
+    n = 6500
+    d = _planar_distances(n, 1, seed=13)
     gen = torch.Generator().manual_seed(13)
-    pts = torch.randn(n, 2, generator=gen, dtype=torch.float64)
-    d = torch.cdist(pts, pts)
-    d = ((d + d.T) / 2).fill_diagonal_(0).float()[None]
-    labels = torch.stack([torch.arange(n) % 4150, torch.randint(0, 4, (n,), generator=gen) * 1300])[None]
+    labels = torch.stack([torch.arange(n) % 6400, torch.randint(0, 4, (n,), generator=gen) * 1300,
+                          torch.zeros(n, dtype=torch.int64)])[None]  # the last: one cluster, NaN
+    got = ops.silhouette(d.to(cuda), labels.to(cuda)).cpu()
+    torch.testing.assert_close(got, ops.silhouette(d, labels), rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert bool(got[0, 2].isnan()) and not bool(got[0, :2].isnan().any())
+
+
+def test_silhouette_large_clusters_cross_slices(cuda):
+    """N = 3000 in 2-7 clusters: every class spans dozens of the 256 threads' slices."""
+    n = 3000
+    d = _planar_distances(n, 2, seed=14, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(14)
+    labels = torch.stack([torch.randint(0, k, (2, n), generator=gen) for k in (2, 3, 7)], dim=1)
     torch.testing.assert_close(ops.silhouette(d.to(cuda), labels.to(cuda)).cpu(), ops.silhouette(d, labels),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_silhouette_forced_workspace_is_bit_identical(cuda, monkeypatch):
+    """FEDTREELORA_CUDA_SHARED_BYTES caps the shared memory: the class sums go to the global
+    workspace, with a grid smaller than the L * N rows (the blocks loop over rows). The sums run in
+    the same order either way: the same bits."""
+    n, n_layers = 300, 16
+    d = _planar_distances(n, n_layers, seed=15)
+    gen = torch.Generator().manual_seed(15)
+    labels = torch.stack([torch.stack([torch.arange(n) % 290, torch.randint(0, 5, (n,), generator=gen)])
+                          for _ in range(n_layers)])
+    d_dev, labels_dev = d.to(cuda), labels.to(cuda)
+    in_shared = ops.silhouette(d_dev, labels_dev)
+    monkeypatch.setenv("FEDTREELORA_CUDA_SHARED_BYTES", "2048")  # < 290 class sums
+    in_workspace = ops.silhouette(d_dev, labels_dev)
+    assert torch.equal(in_shared, in_workspace)
+    torch.testing.assert_close(in_workspace.cpu(), ops.silhouette(d, labels), rtol=1e-5, atol=1e-5)
+
+
+def test_silhouette_nan_in_d(cuda):
+    """The wrapper refuses a NaN with the CPU path's message; the kernel itself (no checks, as under
+    torch.compile) scores NaN instead of dropping it."""
+    d = _planar_distances(20, 2, seed=16)
+    d[0, 3, 5] = float("nan")
+    labels = torch.stack([_labels(2, 20, 3, seed=16 + l) for l in range(2)])
+    message = r"NaN or Inf entry at layer 0, \[3, 5\]"
+    with pytest.raises(ValueError, match=message):
+        ops.silhouette(d, labels)
+    with pytest.raises(ValueError, match=message):
+        ops.silhouette(d.to(cuda), labels.to(cuda))
+    raw = torch.ops.fedtreelora.silhouette(d.to(cuda), labels.to(cuda)).cpu()
+    assert bool(raw[0].isnan().all()), raw
+    clean = ops.silhouette(d[1:], labels[1:])
+    torch.testing.assert_close(raw[1:], clean, rtol=1e-5, atol=1e-5)
