@@ -99,6 +99,11 @@ def still_valid(method: str, old_config: dict | None, config: dict) -> bool:
     return not changed or (changed <= MIXING_KEYS and not make_method(method).learns_lam)
 
 
+def in_method_order(by_method: dict) -> dict:
+    """The methods in `METHODS` order (tables and figures keep one order whichever run measured a row)."""
+    return {m: by_method[m] for m in sorted(by_method, key=lambda m: list(METHODS).index(m) if m in METHODS else len(METHODS))}
+
+
 def save(json_path: Path, results: dict, wall_s: float) -> dict:
     """Merge this run's settings and methods into federated.json: the methods it ran replace theirs;
     other settings are kept, and so are other methods of a setting whose results `still_valid` holds."""
@@ -109,7 +114,7 @@ def save(json_path: Path, results: dict, wall_s: float) -> dict:
         kept = {s: {m: v for m, v in old.get("results", {}).get(s, {}).items()
                     if still_valid(m, old.get("settings", {}).get(s), configs[s])} for s in results}
         merged = {"settings": {**old.get("settings", {}), **configs},
-                  "results": {**old.get("results", {}), **{s: {**kept[s], **results[s]} for s in results}},
+                  "results": {**old.get("results", {}), **{s: in_method_order({**kept[s], **results[s]}) for s in results}},
                   "wall_s": {**old.get("wall_s", {}), **{s: wall_s for s in results}}}
         tmp = json_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(merged, indent=1))
