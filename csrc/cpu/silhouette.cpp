@@ -174,6 +174,7 @@ constexpr int64_t kMaskedClasses = 6;
 #if !defined(__clang__)
 #pragma GCC diagnostic push  // GCC 12's intrinsics headers trip it (_mm512_undefined_pd)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 template <int R>
