@@ -181,7 +181,7 @@ def test_result_does_not_depend_on_thread_count():
         one = ops.silhouette(d, labels)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, ops.silhouette(d, labels))
+    torch.testing.assert_close(one, ops.silhouette(d, labels), rtol=0, atol=0, equal_nan=True)
 
 
 def test_empty_batches():
@@ -339,3 +339,35 @@ def test_row_block_edges_and_every_entry_checked(n):
         bad[0, i, j] = bad[0, j, i] = -1e-30
         with pytest.raises(ValueError, match=rf"negative distance at layer 0, \[{min(i, j)}, {max(i, j)}\]"):
             ops.silhouette(bad, labels)
+
+
+@pytest.mark.parametrize("n", [2, 3, 15, 16, 17, 127, 128, 129, 300])
+def test_few_classes_float32_every_entry_checked(n):
+    """float32 d with at most 6 refined classes (nested cuts: the kernel's masked path on AVX-512,
+    16 entries per vector, partial vectors at the row's end): equal to sklearn, NaN, Inf and negative
+    entries found anywhere, -0.0 accepted as sklearn accepts it."""
+    rng = np.random.default_rng(n)
+    d = torch.from_numpy(random_distances(rng, 2, n, "points")).float()
+    fine = rng.integers(0, min(n - 1, 6) if n > 2 else 1, size=n)   # <= 6 classes, nested coarser cuts
+    labels = torch.from_numpy(np.stack([fine % 2, fine % 3 // 2, fine]).astype(np.int64))[None].repeat(2, 1, 1)
+    assert_matches_sklearn(d, labels)
+    spots = {(0, n - 1), (n - 1, 0), (n - 1, n - 2), (n // 2, n // 3)} | ({(n - 1, 16 * ((n - 1) // 16))} if n > 16 else set())
+    for i, j in spots:
+        if i == j:
+            continue
+        zero = d.clone()
+        zero[1, i, j] = -0.0
+        zero[0, j, i] = -0.0
+        assert_matches_sklearn(zero, labels)
+        for value, what in ((float("nan"), "NaN or Inf"), (float("inf"), "NaN or Inf"), (-1e-30, "negative distance")):
+            bad = d.clone()
+            bad[1, i, j] = value
+            with pytest.raises(ValueError, match=rf"{what}.* at layer 1, \[{i}, {j}\]"):
+                ops.silhouette(bad, labels)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.silhouette(d, labels)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one, ops.silhouette(d, labels), rtol=0, atol=0, equal_nan=True)

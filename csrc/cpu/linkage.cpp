@@ -3,10 +3,12 @@
 // The algorithms are scipy's (scipy/cluster/_hierarchy.pyx), step for step, so that Z is equal to
 // scipy.cluster.hierarchy.linkage(squareform(d), method) to the bit: the minimum spanning tree
 // (Prim) for single linkage, the nearest-neighbour chain for the others, then a stable sort of the
-// merges by height and a relabelling with union-find. nn_chain works on the condensed upper triangle
-// like scipy (a full square copy kept symmetric was slower: its column writes miss the cache);
-// Prim reads d's rows directly. Where scipy scans every index and skips dead clusters, we walk a
-// sorted list of the live ones: same visiting order, so the same tie-breaking, and less work.
+// merges by height and a relabelling with union-find. nn_chain works on a full square copy kept
+// symmetric, not on scipy's condensed triangle: the nearest-neighbour scans, most of the time, then
+// read one contiguous row (in the condensed form half of each scan is a column, a cache miss per
+// element), at the price of a strided column write per update and twice the memory (and the bytes
+// to copy): at N=4000 the chain runs 1.4x faster, the op 1.1x. Prim reads d's rows directly. Both
+// visit candidates in increasing index order with scipy's strict '<', so ties break as scipy's do.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -25,6 +27,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "linkage_update.h"
 #include "nvtx_range.h"
@@ -34,18 +39,16 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// The strict upper triangle of d, row after row (scipy's condensed form): (i, j), i < j, lives at
-// row[i] + j. nn_chain reads its columns, one row apart per element: on Linux the buffer asks for
-// transparent huge pages, so that those reads do not also miss the TLB.
-struct Condensed {
-  std::vector<int64_t> row;  // start of row i minus (i + 1)
+// The working copy of d for nn_chain, [N, N] row-major. nn_chain writes a column per merge, one
+// row apart per element: on Linux the buffer asks for transparent huge pages, so that those writes
+// do not also miss the TLB.
+struct Square {
   std::unique_ptr<double, void (*)(void*)> buffer{nullptr, std::free};
   double* data = nullptr;
 
-  explicit Condensed(int64_t n) : row(n) {
-    for (int64_t i = 0; i < n; ++i) row[i] = i * n - i * (i + 1) / 2 - (i + 1);
+  explicit Square(int64_t n) {
     constexpr size_t kHugePage = size_t{2} << 20;
-    size_t bytes = std::max<size_t>(sizeof(double) * static_cast<size_t>(n * (n - 1) / 2), sizeof(double));
+    size_t bytes = std::max<size_t>(sizeof(double) * static_cast<size_t>(n) * static_cast<size_t>(n), sizeof(double));
     void* p = nullptr;
 #if defined(__linux__)
     bytes = (bytes + kHugePage - 1) / kHugePage * kHugePage;
@@ -61,9 +64,10 @@ struct Condensed {
 };
 
 // Checks what the kernels rely on: zero diagonal, finite, non-negative and exactly symmetric (the
-// Python wrapper checks the same with more context; this keeps direct op calls safe), and fills
-// `condensed` on the way when given. Square tiles, so that the transposed half stays in cache.
-void check_distance_matrix(const double* d, int64_t n, Condensed* condensed) {
+// Python wrapper checks the same with more context; this keeps direct op calls safe), and, when
+// given `copy`, fills it with d on the way (one read of d), its diagonal set to +inf so that a
+// cluster is never its own nearest neighbour. Square tiles, so that the transposed half stays in cache.
+void check_distance_matrix(const double* d, int64_t n, Square* copy) {
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK_VALUE(d[i * n + i] == 0.0, "linkage: d must have a zero diagonal, d[", i, ", ", i, "] = ", d[i * n + i]);
   }
@@ -88,13 +92,18 @@ void check_distance_matrix(const double* d, int64_t n, Condensed* condensed) {
           // v >= 0 is false for NaN; v < inf rules out +inf.
           ok &= (v >= 0.0) & (v < kInf) & (v == d[j * n + i]);
         }
-        if (condensed != nullptr && j_begin < j1) {
-          std::copy(d + i * n + j_begin, d + i * n + j1, condensed->data + condensed->row[i] + j_begin);
-        }
+        if (copy != nullptr && j_begin < j1) std::copy(d + i * n + j_begin, d + i * n + j1, copy->data + i * n + j_begin);
         if (!ok) {
           int64_t seen = first_bad.load();
           while (i < seen && !first_bad.compare_exchange_weak(seen, i)) {
           }
+        }
+      }
+      if (copy != nullptr) {  // the tile's mirror below the diagonal, row by row, and the diagonal
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t i_end = std::min(i1, j);
+          if (i0 < i_end) std::copy(d + j * n + i0, d + j * n + i_end, copy->data + j * n + i0);
+          if (i0 == j0) copy->data[j * n + j] = kInf;
         }
       }
     }
@@ -149,25 +158,82 @@ std::vector<Merge> mst_single_linkage(const double* d, int64_t n) {
   return merges;
 }
 
-// The column part of a condensed scan jumps a whole row per element: prefetch a few ahead.
+// Updates write column y, a whole row apart per element: prefetch a few ahead.
 constexpr size_t kPrefetchAhead = 32;
-inline void prefetch(const double* p) {
+inline void prefetch_for_write(const double* p) {
 #if defined(__GNUC__) || defined(__clang__)
-  __builtin_prefetch(p);
+  __builtin_prefetch(p, 1);
 #else
   (void)p;
 #endif
 }
 
-// scipy's nn_chain on the condensed matrix, which it overwrites: (i, y) becomes the distance of
-// cluster i to the union of x and y. The chain prefers its previous element on ties so that it
-// cannot cycle.
+// The nearest neighbour of x: the first i in increasing order with row[i] < bound and smaller than
+// all before it (scipy's scan with '<', NaN never chosen), or -1. Dead clusters are skipped through
+// `dead` (+inf for them, 0 for the live: row[i] + 0 is row[i] exactly), so that the scan reads the
+// row contiguously, eight lanes at a time on AVX-512, each lane keeping its first minimum.
+int64_t nearest_scalar(const double* row, const double* dead, int64_t n, double bound, double* best) {
+  int64_t y = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    const double dist = row[i] + dead[i];
+    if (dist < bound) {
+      bound = dist;
+      y = i;
+    }
+  }
+  *best = bound;
+  return y;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if !defined(__clang__)
+#pragma GCC diagnostic push  // GCC 12's intrinsics headers trip it (_mm512_undefined_pd)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+__attribute__((target("avx512f"))) int64_t nearest_avx512(const double* row, const double* dead, int64_t n,
+                                                          double bound, double* best) {
+  const __m512d inf = _mm512_set1_pd(kInf);
+  __m512d lane_min = _mm512_set1_pd(bound);
+  __m512i lane_index = _mm512_set1_epi64(-1);
+  __m512i index = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i step = _mm512_set1_epi64(8);
+  for (int64_t i = 0; i < n; i += 8) {
+    const __mmask8 lanes = n - i >= 8 ? 0xff : static_cast<__mmask8>((1u << (n - i)) - 1);
+    const __m512d dist = _mm512_add_pd(_mm512_mask_loadu_pd(inf, lanes, row + i), _mm512_mask_loadu_pd(inf, lanes, dead + i));
+    const __mmask8 smaller = _mm512_cmp_pd_mask(dist, lane_min, _CMP_LT_OQ);
+    lane_min = _mm512_mask_mov_pd(lane_min, smaller, dist);
+    lane_index = _mm512_mask_mov_epi64(lane_index, smaller, index);
+    index = _mm512_add_epi64(index, step);
+  }
+  const double m = _mm512_reduce_min_pd(lane_min);
+  *best = m < bound ? m : bound;
+  if (!(m < bound)) return -1;
+  // The first index overall is the smallest among the lanes that reached the minimum.
+  const __mmask8 at_min = _mm512_cmp_pd_mask(lane_min, _mm512_set1_pd(m), _CMP_EQ_OQ);
+  return _mm512_mask_reduce_min_epi64(at_min, lane_index);
+}
+#if !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+int64_t nearest(const double* row, const double* dead, int64_t n, double bound, double* best) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  return avx512 ? nearest_avx512(row, dead, n, bound, best) : nearest_scalar(row, dead, n, bound, best);
+}
+#else
+int64_t nearest(const double* row, const double* dead, int64_t n, double bound, double* best) {
+  return nearest_scalar(row, dead, n, bound, best);
+}
+#endif
+
+// scipy's nn_chain on the square copy W, which it overwrites: row and column y become the distances
+// of the union of x and y. The chain prefers its previous element on ties so that it cannot cycle.
 template <LinkageMethod M>
-std::vector<Merge> nn_chain(Condensed& c, int64_t n) {
-  double* D = c.data;
-  const int64_t* row = c.row.data();
+std::vector<Merge> nn_chain(double* W, int64_t n) {
   std::vector<Merge> merges(n - 1);
   std::vector<int> size(n, 1);
+  std::vector<double> dead(n, 0.0);
   LiveList live(n);
   std::vector<int64_t> chain;
   chain.reserve(n);
@@ -178,37 +244,16 @@ std::vector<Merge> nn_chain(Condensed& c, int64_t n) {
     double current_min;
     while (true) {
       x = chain.back();
-      if (chain.size() > 1) {
-        y = chain[chain.size() - 2];
-        current_min = x < y ? D[row[x] + y] : D[row[y] + x];
-      } else {
-        y = -1;
-        current_min = kInf;
-      }
-      const int64_t* ids = live.ids.data();
-      const size_t count = live.ids.size();
-      const size_t px = std::lower_bound(ids, ids + count, x) - ids;  // ids[px] == x
-      for (size_t p = 0; p < px; ++p) {  // i < x: column x of the rows above
-        if (p + kPrefetchAhead < px) prefetch(D + row[ids[p + kPrefetchAhead]] + x);
-        const double dist = D[row[ids[p]] + x];
-        if (dist < current_min) {
-          current_min = dist;
-          y = ids[p];
-        }
-      }
-      const double* rx = D + row[x];
-      for (size_t p = px + 1; p < count; ++p) {  // i > x: row x
-        const double dist = rx[ids[p]];
-        if (dist < current_min) {
-          current_min = dist;
-          y = ids[p];
-        }
-      }
-      // Only reachable when every distance from x is NaN: ward squares distances, and above ~1e154
-      // the squares overflow (inf - inf). Mutual nearest neighbours keep ward's sqrt argument >= 0.
+      const double* wx = W + x * n;
+      const int64_t previous = chain.size() > 1 ? chain[chain.size() - 2] : -1;
+      // scipy starts from the previous element, then takes any strictly nearer one.
+      const int64_t nearer = nearest(wx, dead.data(), n, previous >= 0 ? wx[previous] : kInf, &current_min);
+      y = nearer >= 0 ? nearer : previous;
+      // Only reachable when every distance from x is NaN (or +inf): ward squares distances, and above
+      // ~1e154 the squares overflow (inf - inf). Mutual nearest neighbours keep ward's sqrt argument >= 0.
       TORCH_CHECK_VALUE(y >= 0, "linkage: the distances overflowed to NaN in the Lance-Williams updates (cluster of point ",
                         x, "); scale d down");
-      if (chain.size() > 1 && y == chain[chain.size() - 2]) break;
+      if (y == previous) break;
       chain.push_back(y);
     }
     chain.resize(chain.size() - 2);
@@ -218,30 +263,20 @@ std::vector<Merge> nn_chain(Condensed& c, int64_t n) {
     size[x] = 0;
     size[y] = nx + ny;
     live.remove(x);
+    dead[x] = kInf;
 
-    // d(i, x u y) for every live i != y, stored at (i, y); x < y, so three ranges of i.
+    // d(i, x u y) for every live i != y, into row y (contiguous) and column y (strided).
     const int64_t* ids = live.ids.data();
     const size_t count = live.ids.size();
-    const size_t px = std::lower_bound(ids, ids + count, x) - ids;  // first live index above x
-    const size_t py = std::lower_bound(ids, ids + count, y) - ids;  // ids[py] == y
-    for (size_t p = 0; p < px; ++p) {
-      if (p + kPrefetchAhead < px) {
-        prefetch(D + row[ids[p + kPrefetchAhead]] + x);
-        prefetch(D + row[ids[p + kPrefetchAhead]] + y);
-      }
-      double* ri = D + row[ids[p]];
-      ri[y] = linkage_update<M>(ri[x], ri[y], current_min, nx, ny, size[ids[p]]);
-    }
-    const double* rx = D + row[x];
-    for (size_t p = px; p < py; ++p) {
-      if (p + kPrefetchAhead < py) prefetch(D + row[ids[p + kPrefetchAhead]] + y);
+    const double* wx = W + x * n;
+    double* wy = W + y * n;
+    for (size_t p = 0; p < count; ++p) {
+      if (p + kPrefetchAhead < count) prefetch_for_write(W + ids[p + kPrefetchAhead] * n + y);
       const int64_t i = ids[p];
-      D[row[i] + y] = linkage_update<M>(rx[i], D[row[i] + y], current_min, nx, ny, size[i]);
-    }
-    double* ry = D + row[y];
-    for (size_t p = py + 1; p < count; ++p) {
-      const int64_t i = ids[p];
-      ry[i] = linkage_update<M>(rx[i], ry[i], current_min, nx, ny, size[i]);
+      if (i == y) continue;
+      const double v = linkage_update<M>(wx[i], wy[i], current_min, nx, ny, size[i]);
+      wy[i] = v;
+      W[i * n + y] = v;
     }
   }
   return merges;
@@ -312,14 +347,14 @@ at::Tensor linkage_cpu(const at::Tensor& d_in, c10::string_view method_name) {
     if (n == 1) return at::empty({0, 4}, d.options());
     merges = mst_single_linkage(d.data_ptr<double>(), n);  // reads d only
   } else {
-    Condensed c(n);  // nn_chain overwrites this copy; the caller's d stays as it is
-    check_distance_matrix(d.data_ptr<double>(), n, &c);
+    Square w(n);  // nn_chain overwrites this copy; the caller's d stays as it is
+    check_distance_matrix(d.data_ptr<double>(), n, &w);
     if (n == 1) return at::empty({0, 4}, d.options());
     switch (method) {
-      case LinkageMethod::Complete: merges = nn_chain<LinkageMethod::Complete>(c, n); break;
-      case LinkageMethod::Average: merges = nn_chain<LinkageMethod::Average>(c, n); break;
-      case LinkageMethod::Weighted: merges = nn_chain<LinkageMethod::Weighted>(c, n); break;
-      default: merges = nn_chain<LinkageMethod::Ward>(c, n); break;
+      case LinkageMethod::Complete: merges = nn_chain<LinkageMethod::Complete>(w.data, n); break;
+      case LinkageMethod::Average: merges = nn_chain<LinkageMethod::Average>(w.data, n); break;
+      case LinkageMethod::Weighted: merges = nn_chain<LinkageMethod::Weighted>(w.data, n); break;
+      default: merges = nn_chain<LinkageMethod::Ward>(w.data, n); break;
     }
   }
   for (int64_t k = 0; k < n - 1; ++k) {

@@ -16,6 +16,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "nvtx_range.h"
 #include "op_checks.h"
 #include "silhouette_math.h"
@@ -28,8 +32,9 @@ namespace {
 // it, and the row sits in L1 while it is used twice). A row is first checked (finite, >= 0: one
 // vectorised compare per entry), then summed per class of the refinement by walking the members of
 // each class in increasing client order (a gather inside the row, in double with eight independent
-// accumulators, so the adds do not wait on each other); every partition's cluster sums, a, b and s
-// follow from the class sums. Rows are independent: blocks of rows are the work items.
+// accumulators, so the adds do not wait on each other), or, with few classes, by masks in the same
+// pass as the check (masked_class_sums below); every partition's cluster sums, a, b and s follow
+// from the class sums. Rows are independent: blocks of rows are the work items.
 constexpr int64_t kRowsPerItem = 32;
 
 // Machine epsilon of the input dtype: the diagonal may be 100 of them from 0 (sklearn).
@@ -71,6 +76,88 @@ __attribute__((always_inline)) inline void class_sums_impl(const scalar_t* __res
   }
 }
 
+// Refinements of at most kMaskedClasses classes (nested cuts of a tree: the finest cut's count) are
+// summed by masks instead, on float input where AVX-512 is there: the row is read once, in order,
+// each vector of 16 entries is checked and added into every class's lanes under a compare with the
+// entries' class ids. One compare and one masked add per class per 16 entries, against a scalar
+// load per entry for the gathers: per row, 3x faster with 1 class, 1.7x with 4, 1.2x with 6, a tie
+// with 8 (N=1000, rows in L2), and with the check fused the row is read once. Intrinsics, because GCC 12 turns
+// the same vector compares written in plain C++ (or its vector extensions) into scalar code.
+// Float lanes add at most kFlush entries each before they are added to double totals, so a class
+// sum's relative error stays under kFlush * 2^-24 (the entries are >= 0), far inside the 1e-5 the
+// scores are held to.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+constexpr int64_t kMaskedClasses = 6;
+#if !defined(__clang__)
+#pragma GCC diagnostic push  // GCC 12's intrinsics headers trip it (_mm512_undefined_pd)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
+template <int R>
+__attribute__((target("avx512f"))) inline bool masked_class_sums_avx512(const float* row, const int32_t* cls,
+                                                                       int64_t n, double* sums) {
+  constexpr int kFlush = 8;
+  const __m512 zero = _mm512_setzero_ps();
+  __m512d total[R][2];
+  for (int r = 0; r < R; ++r) total[r][0] = total[r][1] = _mm512_setzero_pd();
+  __m512i top = _mm512_setzero_si512();  // the largest bit pattern seen, as unsigned
+  int64_t j = 0;
+  while (j < n) {
+    __m512 part[R];
+    for (int r = 0; r < R; ++r) part[r] = zero;
+    const int64_t stop = std::min(n, j + kFlush * 16);
+    for (; j < stop; j += 16) {
+      // The last vector of the row loads zeros past its end: they pass the check and add nothing.
+      const __mmask16 lanes = stop - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (stop - j)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(lanes, row + j);
+      const __m512i c = _mm512_maskz_loadu_epi32(lanes, cls + j);
+      top = _mm512_max_epu32(top, _mm512_castps_si512(v));
+      for (int r = 0; r < R; ++r)
+        part[r] = _mm512_mask_add_ps(part[r], _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(r)), part[r], v);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 low = _mm512_castps512_ps256(part[r]);
+      const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(part[r]), 1));
+      total[r][0] = _mm512_add_pd(total[r][0], _mm512_cvtps_pd(low));
+      total[r][1] = _mm512_add_pd(total[r][1], _mm512_cvtps_pd(high));
+    }
+  }
+  for (int r = 0; r < R; ++r) sums[r] = _mm512_reduce_add_pd(_mm512_add_pd(total[r][0], total[r][1]));
+  // Finite floats >= +0 are the bit patterns 0 .. 0x7f7fffff: anything above is negative, Inf or NaN
+  // (or -0, which is allowed: the caller then checks the row exactly). One max per vector.
+  return _mm512_reduce_max_epu32(top) <= 0x7f7fffffu;
+}
+#if !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+// sums[r] for the classes r < n_classes <= kMaskedClasses of the row (class_of: each client's class);
+// false if an entry is NaN, Inf, negative or -0 (the sums are complete either way).
+__attribute__((target("avx512f"))) bool masked_class_sums(const float* row, const int32_t* class_of, int64_t n,
+                                                           int64_t n_classes, double* sums) {
+  switch (n_classes) {
+    case 1: return masked_class_sums_avx512<1>(row, class_of, n, sums);
+    case 2: return masked_class_sums_avx512<2>(row, class_of, n, sums);
+    case 3: return masked_class_sums_avx512<3>(row, class_of, n, sums);
+    case 4: return masked_class_sums_avx512<4>(row, class_of, n, sums);
+    case 5: return masked_class_sums_avx512<5>(row, class_of, n, sums);
+    default: return masked_class_sums_avx512<6>(row, class_of, n, sums);
+  }
+}
+
+// Whether layer rows of this dtype with this many classes take the masked path.
+template <typename scalar_t>
+bool use_masked_sums(int64_t n_classes) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  return std::is_same_v<scalar_t, float> && avx512 && n_classes <= kMaskedClasses;
+}
+#else
+template <typename scalar_t>
+bool use_masked_sums(int64_t) { return false; }
+inline bool masked_class_sums(const float*, const int32_t*, int64_t, int64_t, double*) { return false; }  // not called
+#endif
+
 // Both compiled for AVX-512 and AVX2 as well as the baseline ISA, picked at load time (GCC's
 // target_clones, x86-64 Linux): the check is a vector compare per 4, 8 or 16 entries.
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
@@ -105,13 +192,22 @@ bool silhouette_rows(const scalar_t* d, const Partitions& p, const Refinement& f
       const int64_t n_classes = f.n_classes[l];
       const int32_t* members = f.members.data() + l * n;
       const int64_t* class_start = f.start.data() + l * (n + 1);
+      const int32_t* class_of = f.class_of.data() + l * n;
+      const bool masked = use_masked_sums<scalar_t>(n_classes);
       for (int64_t i = i0; i < i1; ++i) {
         const scalar_t* row = d + (l * n + i) * n;
-        if (!row_in_contract(row, n) || !(static_cast<double>(row[i]) <= diag_tol)) {
+        bool ok;
+        if (masked) {
+          ok = masked_class_sums(reinterpret_cast<const float*>(row), class_of, n, n_classes, csum.data()) ||
+               row_in_contract(row, n);  // the exact check, when the fast one saw a -0 (or a bad entry)
+        } else {
+          ok = row_in_contract(row, n);
+          if (ok) class_sums(row, members, class_start, n_classes, csum.data());
+        }
+        if (!ok || !(static_cast<double>(row[i]) <= diag_tol)) {
           valid = false;
           break;  // the scores are not used: the caller raises
         }
-        class_sums(row, members, class_start, n_classes, csum.data());
         double total = 0.0;
         for (int64_t r = 0; r < n_classes; ++r) total += csum[r];
         if (!std::isfinite(total)) {

@@ -52,11 +52,13 @@ struct Refinement {
   std::vector<int64_t> start;      // [L, N + 1] class r's members are members[start[r] : start[r + 1]]
   std::vector<int64_t> n_classes;  // [L]
   std::vector<int32_t> cluster;    // [L, M, N] compact cluster in partition m of class r (r < n_classes)
+  std::vector<int32_t> class_of;   // [L, N] the class of each client
 };
 
 inline Refinement refine_partitions(const Partitions& p, int64_t n_layers, int64_t n_parts, int64_t n) {
   Refinement f{std::vector<int32_t>(n_layers * n), std::vector<int64_t>(n_layers * (n + 1), 0),
-               std::vector<int64_t>(n_layers, n > 0 ? 1 : 0), std::vector<int32_t>(n_layers * n_parts * n, 0)};
+               std::vector<int64_t>(n_layers, n > 0 ? 1 : 0), std::vector<int32_t>(n_layers * n_parts * n, 0),
+               std::vector<int32_t>(n_layers * n)};
   std::vector<int32_t> cls(n), renumber(n), order(n), mark, id;
   std::vector<int64_t> at;
   for (int64_t l = 0; l < n_layers; ++l) {
@@ -88,6 +90,7 @@ inline Refinement refine_partitions(const Partitions& p, int64_t n_layers, int64
       const int32_t* lab = p.label.data() + (l * n_parts + m) * n;
       for (int64_t j = 0; j < n; ++j) f.cluster[(l * n_parts + m) * n + cls[j]] = lab[j];
     }
+    std::copy(cls.begin(), cls.end(), f.class_of.begin() + l * n);
     f.n_classes[l] = count;
   }
   return f;
