@@ -4,8 +4,10 @@
 
 For every layer: the silhouette of the planted groups (and super-groups, when the run has them)
 under that layer's B distances, the between/within-group distance ratio, the cut the tree chose and
-its ARI against the groups; then the same for the mean distance the tree is built on. Reads
-config.json and checkpoints/warmup/ of the run; trains nothing.
+its ARI against the groups; then the same for the mean distance the tree is built on, and what flat
+clustering (one partition for all layers: the best-silhouette cut of the same tree under the mean
+distance) would choose: the mean-distance silhouette of every cut into 2..8 clusters. Reads
+config.json and checkpoints/warmup/ of the run; trains nothing (a calibration on training data).
 """
 from __future__ import annotations
 
@@ -63,6 +65,13 @@ def main(argv=None) -> int:
         cut = "" if l == "mean" else int(tree.n_clusters[l])
         ari = "" if l == "mean" else f"{adjusted_rand_score(groups, tree.labels[l].numpy()):.2f}"
         print(f"{l:>5} {sil(d, groups):>11.3f} {sup:>10.3f} {ratio(d, groups):>14.3f} {cut!s:>4} {ari:>15}")
+    counts = torch.arange(2, min(9, len(adapters)), dtype=torch.int64)
+    if len(counts):
+        cuts = ops.cut_tree(tree.linkage, counts)
+        scores = ops.silhouette(mean.float()[None], cuts[None])[0].tolist()
+        best = int(counts[max(range(len(scores)), key=lambda i: (scores[i], -i))])
+        print("flat (mean distance): " + ", ".join(f"{int(c)}: {s:.3f}" for c, s in zip(counts, scores))
+              + f" -> {best} clusters, ARI {adjusted_rand_score(groups, cuts[best - 2].numpy()):.2f}")
     return 0
 
 

@@ -236,6 +236,14 @@ def test_flowertune_example_app_runs_in_process(tiny_model, tmp_path, monkeypatc
     for node in range(4):
         assert (save / f"node_{node}" / "cluster.safetensors").is_file()
     assert summary["evaluate"]["3"]["accuracy"] > 1 / 3 + 0.1        # 5 topics, 3 per group: chance is 1/3
+    # lam trains at the app's train.mixing-learning-rate (0.2), not at the LoRA rate (0.01): in the one federated
+    # round of 3 Adam steps a logit can move by ~0.6, at the LoRA rate by ~0.03 at most
+    from fedtreelora.flower import from_arrayrecord
+    from fedtreelora.flower.peft_client import MIXING_STATE
+    start = torch.logit(torch.tensor(0.8))
+    moved = max(float((v.float() - start).abs().max()) for n in range(4)
+                for v in from_arrayrecord(grid.contexts[n].state.array_records[MIXING_STATE]).values())
+    assert moved > 0.1, moved
 
 
 def _causal_run_config(model_path, save_path, **changes):

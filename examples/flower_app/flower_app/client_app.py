@@ -15,10 +15,13 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     model = get_model(context.run_config)
-    load_experts(model, msg, context)          # FedTreeLoRA: cluster expert, external expert, this node's lam
+    mixer = load_experts(model, msg, context)  # FedTreeLoRA: cluster expert, external expert, this node's lam
     data = load_data(context.run_config, context.node_config)
     rc = context.run_config
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(rc["train.learning-rate"]))
+    lam = list(mixer.parameters())             # lam's logits at their own, higher rate (Adam moves a logit ~lr a step)
+    lora = [p for p in model.parameters() if all(p is not q for q in lam)]
+    optimizer = torch.optim.AdamW([{"params": lora}, {"params": lam, "lr": float(rc["train.mixing-learning-rate"])}],
+                                  lr=float(rc["train.learning-rate"]))
     model.train()
     losses = []
     seed = training_seed(msg, context)         # the seed `fedtreelora simulate` gives this client in this round
