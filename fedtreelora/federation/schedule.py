@@ -19,7 +19,6 @@ a resumed run replays the remaining rounds exactly.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -37,8 +36,6 @@ from .pool import ClientPool
 
 __all__ = ["Federation", "check_run_folder", "run_experiment", "select_clients", "method_result", "evaluation_record",
            "load_checkpoint", "CheckpointError", "RunFolderError", "derived_seed"]
-
-logger = logging.getLogger("fedtreelora")
 
 
 def select_clients(config: ExperimentConfig, global_round: int, n: int) -> list[int]:

@@ -21,7 +21,6 @@ experiment config (ConfigRecord "experiment"), from which a Flower ClientApp bui
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord
@@ -36,7 +35,6 @@ from .strategy import WARMUP, PersonalisedStrategy
 __all__ = ["Experiment", "strategy_for", "EXPERIMENT_KEY"]
 
 EXPERIMENT_KEY = "experiment"     # the messages' config entry holding the experiment config (JSON)
-logger = logging.getLogger("flwr").getChild("fedtreelora")
 
 
 def strategy_for(config: ExperimentConfig, method: str | None, folder: Path, *, start_from: Path | None = None,
