@@ -213,7 +213,7 @@ class PersonalisedStrategy(Strategy):
     # -- public ---------------------------------------------------------------------------------
     @property
     def decided(self) -> bool:
-        """Whether the rule has been decided (from the first federated round on)."""
+        """Whether the rule has been decided (after the last warm-up round)."""
         return self._ruled is not None
 
     @property
@@ -236,7 +236,7 @@ class PersonalisedStrategy(Strategy):
         """
         client = int(client)
         if client not in self._experts:
-            raise KeyError(f"node {client} has no experts (nodes with experts: {sorted(self._experts)[:20]})")
+            raise KeyError(f"{self._who(client)} has no experts (with experts: {sorted(self._experts)[:20]})")
         cluster, external = self._experts[client]
         dtypes = self._dtypes.get(client, {})
         return _restore(cluster, dtypes), (None if external is None else _restore(external, dtypes))
@@ -246,12 +246,12 @@ class PersonalisedStrategy(Strategy):
         return _restore(self._uploads[int(client)], self._dtypes.get(int(client), {}))
 
     def decide(self, server_round: int | None = None) -> None:
-        """Decide the rule now over the latest uploads of the clients taking part and give every one
-        its experts (`start` does it after the last warm-up round; a run that never gets there may
-        call it for its record)."""
+        """Decide the rule over the latest uploads of the clients taking part at the end of
+        `server_round` (default: the last warm-up round) and give every one its experts. `start`
+        does it after the last warm-up round; a run that never gets there may call it for its record."""
         if self.rule is None:
             raise ValueError("this strategy has no server rule: it runs warm-up rounds only")
-        server_round = self.warmup_rounds + 1 if server_round is None else server_round
+        server_round = self.warmup_rounds if server_round is None else server_round
         clients = [c for c in sorted(self._uploads) if not self._held_back(c, server_round)]
         if not clients:
             raise RuntimeError(f"round {server_round}: no client has uploaded anything; the rule has nothing to decide on")
@@ -373,7 +373,7 @@ class PersonalisedStrategy(Strategy):
             clients = sorted(self._client_of(node) for node in node_ids)
         else:
             if not self.decided:       # this run continues a warm-up committed without the rule
-                self.decide(server_round)
+                self.decide(server_round - 1)
             self._join(server_round)
             clients = self._sample(grid, self.fraction_train, self.min_train_nodes, server_round, TRAIN_DRAW)
             self.rounds[server_round]["selected"] = clients
