@@ -365,11 +365,11 @@ def test_flowertune_example_app_trains_a_causal_lm_in_process(tiny_llama, tmp_pa
 
 
 # -- slow: real federations through Flower ---------------------------------------------------------
-def _simulate(config, run_dir, mods=None, num_supernodes=4):
+def _simulate(config, run_dir, mods=None, num_supernodes=4, methods=METHOD):
     from flwr.simulation import run_simulation
     from fedtreelora.flower.client_app import client_app
     from fedtreelora.flower.server_app import server_app
-    run_simulation(server_app(config, METHOD, str(run_dir), round_timeout=300, connect_timeout=60),
+    run_simulation(server_app(config, methods, str(run_dir), round_timeout=300, connect_timeout=60),
                    client_app(dataset_fn="test_flower:tiny_data", mods=mods), num_supernodes=num_supernodes,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 2, "num_gpus": 0}})
@@ -381,23 +381,25 @@ def _simulate(config, run_dir, mods=None, num_supernodes=4):
 def test_simulation_engine_matches_in_process_run(tiny_model, tmp_path, child_env):
     from fedtreelora.federation.schedule import run_experiment
     cfg = tiny_config(tiny_model, dataset="tiny")        # 4 clients in 2 groups, full participation
-    local = run_experiment(cfg, [METHOD], tmp_path / "in_process", dataset=tiny_dataset(), progress=False)
-    flower = _simulate(cfg, tmp_path / "flower")
-    a, b = local["methods"][METHOD], flower["methods"][METHOD]
+    methods = [METHOD, "fedalt", "ablation-lam05"]       # the tree, a baseline, lam held fixed
+    local = run_experiment(cfg, methods, tmp_path / "in_process", dataset=tiny_dataset(), progress=False)
+    flower = _simulate(cfg, tmp_path / "flower", methods=",".join(methods))
     assert flower["weights"] == local["weights"] and flower["groups"] == local["groups"]
-    assert b["method_state"] == a["method_state"]                      # the same tree and cuts
     if (tmp_path / "in_process" / "tree.json").exists():
         assert json.loads((tmp_path / "flower" / "tree.json").read_text()) == json.loads(
             (tmp_path / "in_process" / "tree.json").read_text())     # same uploads (1 thread each): same bits
-    assert flower["failures"] == []
-    assert len(b["history"]) == len(a["history"]) == cfg.warmup_rounds + cfg.rounds
-    for ha, hb in zip(a["history"], b["history"]):                     # every round, not just the last
-        assert hb["round"] == ha["round"] and hb["phase"] == ha["phase"]
-        np.testing.assert_allclose(hb["loss"], ha["loss"], rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(hb["accuracy"], ha["accuracy"], atol=0.026)   # at most one test document
-    assert b["mean_accuracy"] == pytest.approx(a["mean_accuracy"], abs=0.01)
-    for k, lams in a["lam"].items():
-        assert b["lam"][k] == pytest.approx(lams, abs=1e-3)
+    assert flower["failures"] == [] and list(flower["methods"]) == methods
+    for name in methods:
+        a, b = local["methods"][name], flower["methods"][name]
+        assert b["method_state"] == a["method_state"], name              # the same tree and cuts
+        assert len(b["history"]) == len(a["history"]) == cfg.warmup_rounds + cfg.rounds
+        for ha, hb in zip(a["history"], b["history"]):                 # every round, not just the last
+            assert hb["round"] == ha["round"] and hb["phase"] == ha["phase"]
+            np.testing.assert_allclose(hb["loss"], ha["loss"], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(hb["accuracy"], ha["accuracy"], atol=0.026)   # at most one test document
+        assert b["mean_accuracy"] == pytest.approx(a["mean_accuracy"], abs=0.01)
+        for k, lams in a["lam"].items():
+            assert b["lam"][k] == pytest.approx(lams, abs=1e-3)
 
 
 def test_drop_in_strategy_on_the_experiments_clients_matches_fedtreelora_simulate(tiny_model, tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
@@ -146,12 +147,11 @@ class Experiment:
         write_outputs(self.run_dir, summary, tree=None if tree_rule is None else tree_rule.tree)
         return summary
 
-    @staticmethod
-    def _states(strategy: PersonalisedStrategy) -> list[ClientState | None]:
-        import torch
+    def _states(self, strategy: PersonalisedStrategy) -> list[ClientState | None]:
+        """Every client's latest upload and mixing logits (float32, as a client holds them), by client."""
         return [ClientState(strategy.upload(k), {g: torch.tensor(v, dtype=torch.float32)
                                                  for g, v in strategy.lams.get(k, {}).items()})
-                if k in strategy.clients else None for k in range(strategy.rule_config.num_clients)]
+                if k in strategy.clients else None for k in range(self.config.num_clients)]
 
     @staticmethod
     def _wall(strategy: PersonalisedStrategy, first: int, last: int) -> float:

@@ -5,9 +5,9 @@ server rule, `federation.methods.FedTreeLoRA`, and FedAvg's argument names: the 
 `Strategy.start(grid, initial_arrays, num_rounds, ...)` drives it and returns flwr's `Result`.
 
 Rounds 1..warmup_rounds (warm-up): every available node trains from its own last upload (round 1:
-`initial_arrays`); nothing is shared. At the start of the first federated round the global client
-tree is built over the latest uploads (`fedtreelora.build_tree`, client names = node ids), so the
-last warm-up round's evaluation sees the warm-up adapters. Every later round each sampled node
+`initial_arrays`); nothing is shared. After the last warm-up round's evaluation (which sees the
+warm-up adapters) the global client tree is built over the latest uploads (`fedtreelora.build_tree`,
+client names = node ids). Every later round each sampled node
 receives its own cluster expert under "arrays" and its frozen external expert under "external"
 (absent where its cluster is everyone at every layer); the replies are aggregated with
 `fedtreelora.aggregate(..., tree=strategy.tree)` over every node's latest upload (a node not
@@ -45,8 +45,7 @@ class FedTreeLoRA(PersonalisedStrategy):
     Parameters
     ----------
     tree_config : fedtreelora.TreeConfig
-        Settings of the tree built at the start of the first federated round (linkage, metric,
-        window, tau, head).
+        Settings of the tree built after the last warm-up round (linkage, metric, window, tau, head).
     warmup_rounds : int
         Rounds of local training (>= 1) before the tree is built; `num_rounds` of `start` counts
         them too.
@@ -76,9 +75,9 @@ class FedTreeLoRA(PersonalisedStrategy):
         `random`). Sent to every node as "run-seed" in the ConfigRecord, from which
         `fedtreelora.flower.training_seed` derives the node's seed for the round.
     experts_fn : callable, optional
-        Called at the end of every `aggregate_train` as experts_fn(server_round, experts) with
-        experts = {node id: (cluster state dict, external state dict or None)} for every node
-        known so far (its own adapter during warm-up), in each node's own dtypes: the hook to save every node's adapter
+        Called at the end of every round (after its evaluation) as experts_fn(server_round, experts)
+        with experts = {node id: (cluster state dict, external state dict or None)} for every node
+        known so far (its own adapter during warm-up, the tree's experts from the end of warm-up on), in each node's own dtypes: the hook to save every node's adapter
         (FlowerTune's `evaluate_fn` sees only the global mean).
     run_dir : str or pathlib.Path, optional
         Folder of the run's checkpoint: at the end of every round (after evaluation, and after
