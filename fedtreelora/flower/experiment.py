@@ -58,7 +58,7 @@ class Experiment:
     grid : flwr.serverapp.Grid
         Nodes that serve the experiment's clients (their replies say "partition-id" and "group").
     config : federation.config.ExperimentConfig
-        The experiment (with `warmup_rounds` >= 1: every method decides on warm-up uploads).
+        The experiment.
     run_dir : str or pathlib.Path
         The run folder (`checkpoints/` here; `summary` writes metrics.json and the figures).
     resume : bool
@@ -71,8 +71,6 @@ class Experiment:
 
     def __init__(self, grid: Grid, config: ExperimentConfig, run_dir: str | Path, *, resume: bool = False,
                  timeout: float | None = None, engine: str = "in-process"):
-        if config.warmup_rounds < 1:
-            raise ValueError("warmup_rounds must be >= 1: every method decides on the clients' warm-up uploads")
         self.grid, self.config, self.resume, self.timeout, self.engine = grid, config, resume, timeout, engine
         self.run_dir = Path(run_dir)
         self.checkpoints = self.run_dir / "checkpoints"
