@@ -17,7 +17,8 @@ def test_a_bad_choice_names_the_key_and_the_allowed_values(key, value, allowed):
 @pytest.mark.parametrize("changes, message", [
     (dict(window=0), "window must be an integer >= 1"), (dict(tau=2.0), "tau must be a number in"),
     (dict(num_clients=0), "num_clients must be >= 1"), (dict(train_fraction=1.0), "train_fraction"),
-    (dict(num_groups=17), r"num_groups \(17\) exceeds num_clients \(16\)"), (dict(dp_noise_multiplier=1.0), "dp_clip_norm")])
+    (dict(num_groups=17), r"num_groups \(17\) exceeds num_clients \(16\)"), (dict(dp_noise_multiplier=1.0), "dp_clip_norm"),
+    (dict(warmup_rounds=0), "warmup_rounds must be >= 1")])
 def test_bad_numbers_fail_on_construction(changes, message):
     with pytest.raises(ValueError, match=message):
         ExperimentConfig(**changes)

@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 MODULES = ["fedtreelora.core.ops", "fedtreelora.core.tree", "fedtreelora.core.aggregation",
-           "fedtreelora.core.synthetic", "fedtreelora.core.files"]
+           "fedtreelora.core.synthetic", "fedtreelora.core.files", "fedtreelora.federation.draws"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,4 +1,5 @@
-"""Flower: the experiment app's wire format and config (fast), the FlowerTune-style example app on the
+"""Flower: the experiment's wire format (its node, `pool_nodes.pool_node`, under the real Strategy) and
+app config (fast), the experiment app's failure handling and the FlowerTune-style example app on the
 in-process Grid (fast), then federations through Flower: the experiment app on the simulation engine
 against the in-process run and with an injected client failure (Ray, marked slow), and the
 FlowerTune-style app on a real SuperLink with two SuperNodes on 127.0.0.1 driven by `flwr run`
@@ -25,8 +26,6 @@ pytest.importorskip("flwr")
 
 from fedtreelora.client.trainer import ClientState  # noqa: E402
 from fedtreelora.federation.config import ExperimentConfig  # noqa: E402
-from fedtreelora.flower.messages import (client_reply_content, read_client_reply, read_server_content,  # noqa: E402
-                                         server_content)
 from fedtreelora.flower.runtime import partition_id, resolve_dataset_fn  # noqa: E402
 from fedtreelora.flower.server_app import config_from_run_config  # noqa: E402
 from tiny_models import pretrain_tiny_bert, save_tiny_bert, tiny_config, tiny_dataset  # noqa: E402
@@ -34,7 +33,7 @@ from tiny_models import pretrain_tiny_bert, save_tiny_bert, tiny_config, tiny_da
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 APP = ROOT / "examples" / "flower_app"                 # FlowerTune-style: FedTreeLoRA strategy + client helpers
-EXPERIMENT_APP = ROOT / "examples" / "flower_experiment"   # this project's experiment (PersonalisedStrategy)
+EXPERIMENT_APP = ROOT / "examples" / "flower_experiment"   # this project's experiment (every method)
 METHOD = "fedtreelora"
 BIN = Path(sys.executable).parent
 
@@ -72,35 +71,86 @@ def child_env(monkeypatch):
 
 
 # -- fast: the wire format and the app config ------------------------------------------------------
-def _state(seed):
-    g = torch.Generator().manual_seed(seed)
-    adapter = {"base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight": torch.randn(2, 8, generator=g),
-               "base_model.model.classifier.bias": torch.randn(3, generator=g)}
-    return ClientState(adapter, {"layer_0": torch.randn((), generator=g), "layer_1": torch.randn((), generator=g)})
+class FakePool:
+    """What `pool_node` uses of a ClientPool. Client k 'trains' halfway from what it starts from towards
+    its own planted adapter and adds 0.25 to each mixing logit (`step`); every call is recorded."""
+
+    def __init__(self, config):
+        from types import SimpleNamespace
+        from fedtreelora.core.synthetic import planted_states
+        self.config = config
+        self.targets, _ = planted_states(n_layers=2, groups=(1, 2), n_clients=config.num_clients, seed=0)
+        self.initial = ClientState({k: torch.zeros_like(v) for k, v in self.targets[0].items()},
+                                   {"layer_0": torch.tensor(1.3), "layer_1": torch.tensor(-0.7)})
+        self.clients = [SimpleNamespace(num_train=10 + k, group=k % 2, test_idx=list(range(5)))
+                        for k in range(config.num_clients)]
+        self.calls = []
+
+    def step(self, k, start):
+        return ClientState({key: (v + self.targets[k][key]) / 2 for key, v in start.adapter.items()},
+                           {g: v + 0.25 for g, v in start.logits.items()})
+
+    def client(self, k):
+        return self.clients[k]
+
+    def train(self, k, start, external, round_, fixed_lam=None):
+        self.calls.append(("train", k, round_, start, external, fixed_lam))
+        return self.step(k, start), {"train_loss": 0.5}
+
+    def evaluate(self, k, state, external):
+        self.calls.append(("evaluate", k, None, state, external, None))
+        return {"accuracy": 0.5 + k / 100, "loss": 1.0}
 
 
-def _same_state(a: ClientState, b: ClientState):
-    assert a.adapter.keys() == b.adapter.keys() and a.logits.keys() == b.logits.keys()
-    for key in a.adapter:
-        assert torch.equal(a.adapter[key], b.adapter[key]) and a.adapter[key].dtype == b.adapter[key].dtype
-    for key in a.logits:
-        assert b.logits[key].shape == () and torch.equal(a.logits[key], b.logits[key])
+def _same(a: dict, b: dict):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
 
 
-def test_messages_carry_each_clients_state_exactly():
-    cfg = ExperimentConfig().replace(num_clients=3, num_groups=1, super_groups=0, lora_r=2)
-    state, external = _state(0), _state(1).adapter
-    before = {k: v.clone() for k, v in state.adapter.items()}
-    config, round_, phase, got, got_external = read_server_content(server_content(cfg, 4, "fedtreelora", state, external))
-    assert config == cfg and round_ == 4 and phase == "fedtreelora"
-    _same_state(state, got)
-    assert all(torch.equal(external[k], got_external[k]) for k in external)
-    assert all(torch.equal(before[k], state.adapter[k]) for k in before)      # the caller's tensors untouched
-    # first warm-up round: no state, the client starts from its own initial LoRA
-    assert read_server_content(server_content(cfg, 0, "warmup"))[3:] == (None, None)
-    metrics, back = read_client_reply(client_reply_content({"partition-id": 2, "train-loss": 0.5}, state))
-    assert metrics == {"partition-id": 2, "train-loss": 0.5}
-    _same_state(state, back)
+def test_experiment_messages_carry_each_clients_state_exactly(tmp_path):
+    """The experiment's node under the real Strategy (node ids in the reverse order of the clients): each
+    client starts round 1 from its own initial adapter, then from exactly what the server holds for it,
+    with exactly the mixing logits it uploaded last (or held at the fixed lam of the lam ablation)."""
+    from fedtreelora import aggregate
+    from fedtreelora.flower import InProcessGrid
+    from fedtreelora.flower.experiment import Experiment
+    from fedtreelora.flower.local_grid import in_process_server
+    from fedtreelora.flower.pool_nodes import pool_node
+    cfg = ExperimentConfig().replace(num_clients=4, num_groups=1, super_groups=0, warmup_rounds=2, rounds=2)
+    pool = FakePool(cfg)
+    node_of = {k: 90 - 7 * k for k in range(4)}
+    grid = InProcessGrid({node_of[k]: pool_node(pool) for k in range(4)},
+                         node_configs={node_of[k]: {"partition-id": k, "num-partitions": 4} for k in range(4)})
+    experiment = Experiment(grid, cfg, tmp_path)
+    with in_process_server():
+        experiment.warmup()
+        results = {name: experiment.run_method(name) for name in ("fedtreelora", "ablation-lam05")}
+    tree = experiment.rules["fedtreelora"].tree
+    assert tree.client_names == ["0", "1", "2", "3"]                  # clients by partition-id, not node id
+    trains = {k: [c for c in pool.calls if c[:2] == ("train", k)] for k in range(4)}
+    warm = {}
+    for k in range(4):
+        assert [c[2] for c in trains[k]] == [0, 1, 2, 3, 2, 3]       # warm-up once, then each method's rounds
+        _same(trains[k][0][3].adapter, pool.initial.adapter)         # round 1: its own initial adapter and lam
+        _same(trains[k][0][3].logits, pool.initial.logits)
+        first = pool.step(k, trains[k][0][3])
+        _same(trains[k][1][3].adapter, first.adapter)                # round 2: its own upload and logits, exactly
+        _same(trains[k][1][3].logits, first.logits)
+        warm[k] = pool.step(k, trains[k][1][3])
+        assert trains[k][2][5] is None and trains[k][4][5] == 0.5    # fedtreelora learns lam, lam05 holds it
+    expected = aggregate([warm[k].adapter for k in range(4)], weights=[10.0 + k for k in range(4)], tree=tree)
+    for k in range(4):                                                # round 3: the tree's experts, its own lam
+        _, _, _, start, external, _ = trains[k][2]
+        _same(start.adapter, expected.cluster_states[k])
+        _same(start.logits, warm[k].logits)
+        assert (external is None) == (expected.external_states[k] is None)
+        evaluations = [c for c in pool.calls if c[:2] == ("evaluate", k)]
+        assert len(evaluations) == 6 and all(float(torch.sigmoid(v)) == pytest.approx(0.5)
+                                             for c in evaluations[4:] for v in c[3].logits.values())
+        final = pool.step(k, trains[k][3][3]).logits                 # the record's lam: its last upload's, exactly
+        if expected.external_states[k] is not None:
+            assert results["fedtreelora"]["lam"][str(k)] == {g: float(torch.sigmoid(v)) for g, v in final.items()}
+    summary = experiment.summary(results)
+    assert summary["groups"] == [0, 1, 0, 1] and summary["weights"] == [10.0, 11.0, 12.0, 13.0]
 
 
 def test_example_app_config_is_the_calibrated_experiment():
@@ -134,10 +184,16 @@ def test_client_identity_and_dataset_fn_errors():
         resolve_dataset_fn("test_flower:no_such_fn")
 
 
-def test_unknown_method_fails_before_any_node_is_contacted():
-    from fedtreelora.flower.strategy import PersonalisedStrategy
+def test_unknown_method_fails_before_any_node_is_contacted(tmp_path):
+    from fedtreelora.flower.server_app import run_on_grid
+
+    class Untouchable:
+        def get_node_ids(self):
+            raise AssertionError("a node was contacted")
+
     with pytest.raises(ValueError, match="fedtreelorra"):
-        PersonalisedStrategy(ExperimentConfig(), method="fedtreelorra")
+        run_on_grid(Untouchable(), ExperimentConfig(), ["fedtreelorra"], tmp_path)
+    assert not (tmp_path / "config.json").exists()
 
 
 class DirectGrid:
@@ -174,7 +230,8 @@ def test_dropped_client_is_logged_and_keeps_its_upload(plain_tiny_model, tmp_pat
     still runs, aggregates the others and keeps its warm-up upload; it has no accuracy while silent."""
     from fedtreelora.federation.schedule import load_checkpoint
     from fedtreelora.flower.client_app import client_app
-    from fedtreelora.flower.strategy import PersonalisedStrategy, logger
+    from fedtreelora.flower.server_app import run_on_grid
+    from fedtreelora.flower.strategy import logger
     from flwr.supercore.task_identity import TaskIdentity
     for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):   # what a ServerApp process has set
         monkeypatch.setattr(TaskIdentity, name, value)
@@ -182,8 +239,8 @@ def test_dropped_client_is_logged_and_keeps_its_upload(plain_tiny_model, tmp_pat
     records = _Records()
     logger.addHandler(records)
     try:
-        strategy = PersonalisedStrategy(cfg, METHOD, tmp_path, round_timeout=1.0)
-        summary = strategy.start(DirectGrid(client_app(dataset_fn=tiny_data), cfg.num_clients, silent={2}))
+        summary = run_on_grid(DirectGrid(client_app(dataset_fn=tiny_data), cfg.num_clients, silent={2}), cfg, [METHOD],
+                              tmp_path, round_timeout=1.0)
     finally:
         logger.removeHandler(records)
     history = summary["methods"][METHOD]["history"]
@@ -316,11 +373,11 @@ def test_flowertune_example_app_trains_a_causal_lm_in_process(tiny_llama, tmp_pa
 
 
 # -- slow: real federations through Flower ---------------------------------------------------------
-def _simulate(config, run_dir, mods=None, num_supernodes=4):
+def _simulate(config, run_dir, mods=None, num_supernodes=4, methods=METHOD):
     from flwr.simulation import run_simulation
     from fedtreelora.flower.client_app import client_app
     from fedtreelora.flower.server_app import server_app
-    run_simulation(server_app(config, METHOD, str(run_dir), round_timeout=300, connect_timeout=60),
+    run_simulation(server_app(config, methods, str(run_dir), round_timeout=300, connect_timeout=60),
                    client_app(dataset_fn="test_flower:tiny_data", mods=mods), num_supernodes=num_supernodes,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 2, "num_gpus": 0}})
@@ -332,29 +389,31 @@ def _simulate(config, run_dir, mods=None, num_supernodes=4):
 def test_simulation_engine_matches_in_process_run(tiny_model, tmp_path, child_env):
     from fedtreelora.federation.schedule import run_experiment
     cfg = tiny_config(tiny_model, dataset="tiny")        # 4 clients in 2 groups, full participation
-    local = run_experiment(cfg, [METHOD], tmp_path / "in_process", dataset=tiny_dataset(), progress=False)
-    flower = _simulate(cfg, tmp_path / "flower")
-    a, b = local["methods"][METHOD], flower["methods"][METHOD]
+    methods = [METHOD, "fedalt", "ablation-lam05"]       # the tree, a baseline, lam held fixed
+    local = run_experiment(cfg, methods, tmp_path / "in_process", dataset=tiny_dataset(), progress=False)
+    flower = _simulate(cfg, tmp_path / "flower", methods=",".join(methods))
     assert flower["weights"] == local["weights"] and flower["groups"] == local["groups"]
-    assert b["method_state"] == a["method_state"]                      # the same tree and cuts
     if (tmp_path / "in_process" / "tree.json").exists():
         assert json.loads((tmp_path / "flower" / "tree.json").read_text()) == json.loads(
             (tmp_path / "in_process" / "tree.json").read_text())     # same uploads (1 thread each): same bits
-    assert flower["failures"] == []
-    assert len(b["history"]) == len(a["history"]) == cfg.warmup_rounds + cfg.rounds
-    for ha, hb in zip(a["history"], b["history"]):                     # every round, not just the last
-        assert hb["round"] == ha["round"] and hb["phase"] == ha["phase"]
-        np.testing.assert_allclose(hb["loss"], ha["loss"], rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(hb["accuracy"], ha["accuracy"], atol=0.026)   # at most one test document
-    assert b["mean_accuracy"] == pytest.approx(a["mean_accuracy"], abs=0.01)
-    for k, lams in a["lam"].items():
-        assert b["lam"][k] == pytest.approx(lams, abs=1e-3)
+    assert flower["failures"] == [] and list(flower["methods"]) == methods
+    for name in methods:
+        a, b = local["methods"][name], flower["methods"][name]
+        assert b["method_state"] == a["method_state"], name              # the same tree and cuts
+        assert len(b["history"]) == len(a["history"]) == cfg.warmup_rounds + cfg.rounds
+        for ha, hb in zip(a["history"], b["history"]):                 # every round, not just the last
+            assert hb["round"] == ha["round"] and hb["phase"] == ha["phase"]
+            np.testing.assert_allclose(hb["loss"], ha["loss"], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(hb["accuracy"], ha["accuracy"], atol=0.026)   # at most one test document
+        assert b["mean_accuracy"] == pytest.approx(a["mean_accuracy"], abs=0.01)
+        for k, lams in a["lam"].items():
+            assert b["lam"][k] == pytest.approx(lams, abs=1e-3)
 
 
 def test_drop_in_strategy_on_the_experiments_clients_matches_fedtreelora_simulate(tiny_model, tmp_path, monkeypatch):
     # One set of rounds: flwr's Strategy.start driving the drop-in FedTreeLoRA over the experiment's
-    # clients (pool_grid) gives `fedtreelora simulate`'s tree and, from the first federated round on,
-    # its per-client metrics and lam (the last warm-up round's evaluation differs by design).
+    # clients (pool_grid) gives `fedtreelora simulate`'s tree and, in every round (the warm-up's too),
+    # its per-client metrics and lam.
     from flwr.serverapp.strategy import Result
     from flwr.supercore.task_identity import TaskIdentity
     from fedtreelora.federation.pool import ClientPool
@@ -378,7 +437,7 @@ def test_drop_in_strategy_on_the_experiments_clients_matches_fedtreelora_simulat
     assert np.asarray(strategy.tree.labels).tolist() == decided["labels"]
     assert [int(c) for c in np.asarray(strategy.tree.n_clusters)] == decided["n_clusters"]
     history = {h["round"]: h for h in local["methods"][METHOD]["history"]}
-    for rnd in range(cfg.warmup_rounds + 1, cfg.warmup_rounds + cfg.rounds + 1):
+    for rnd in range(1, cfg.warmup_rounds + cfg.rounds + 1):
         per_node = strategy.evaluate_metrics[rnd]
         np.testing.assert_allclose([per_node[k]["accuracy"] for k in range(n)], history[rnd]["accuracy"], atol=1e-6)
         np.testing.assert_allclose([per_node[k]["loss"] for k in range(n)], history[rnd]["loss"], rtol=1e-4, atol=1e-5)

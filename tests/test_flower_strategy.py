@@ -823,7 +823,7 @@ def test_docs_switch_diff_calls_the_real_api():
 
 
 @pytest.mark.parametrize("name", ["fedtreelora.flower.arrays", "fedtreelora.flower.tree_strategy",
-                                  "fedtreelora.client.mixing"])
+                                  "fedtreelora.flower.local_grid", "fedtreelora.client.mixing"])
 def test_docstring_examples_of_the_flower_api(name):
     import doctest
     import importlib

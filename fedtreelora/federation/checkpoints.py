@@ -1,14 +1,14 @@
 """Checkpoints of a run, one folder per phase (the shared warm-up, then each method).
 
-After every round, `<folder>/round_XXX.safetensors` (all uploads and mixing logits, keys
-"<client>/adapter/<key>" and "<client>/mixing/<group>") is written and fsynced, then `state.json`
-(round, history, wall time, the file's SHA-256) replaces the old one atomically: state.json is the
-commit point, older round files are removed after it. A torn or corrupt checkpoint is a clear
-CheckpointError, never a silently different run.
+After every round, `<folder>/round_XXX.safetensors` (every client's upload and mixing logits, keys
+"<client>/adapter/<key>" and "<client>/mixing/<group>", and the server's other state) is written
+and fsynced, then `state.json` (the round, the record so far, the file's SHA-256) replaces the old
+one atomically: state.json is the commit point, older round files are removed after it. A torn or
+corrupt checkpoint is a clear CheckpointError, never a silently different run.
 
-`commit_tensors` / `load_tensors` are that commit for any named tensors; `save_checkpoint` /
-`load_checkpoint` lay the schedule's client states out in it, and `fedtreelora.flower.FedTreeLoRA`
-(run_dir=...) its strategy state.
+`commit_tensors` / `load_tensors` are that commit for any named tensors; the round loop
+(`fedtreelora.flower.strategy.PersonalisedStrategy`) commits its state with it, and
+`load_checkpoint` reads the clients' uploads back from such a commit.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from ..client.trainer import ClientState
 from ..core.files import atomic_write_text
 
-__all__ = ["save_checkpoint", "load_checkpoint", "commit_tensors", "load_tensors", "write_json", "CheckpointError", "RunFolderError"]
+__all__ = ["load_checkpoint", "commit_tensors", "load_tensors", "write_json", "CheckpointError", "RunFolderError"]
 
 
 def write_json(path: Path, value) -> None:
@@ -68,19 +68,6 @@ def commit_tensors(folder: Path, round_: int, tensors: dict, info: dict) -> None
             old.unlink()
 
 
-def save_checkpoint(folder: Path, round_: int, states: list[ClientState | None], info: dict) -> None:
-    """Commit round `round_`: every client's state (None: a client with none yet, e.g. one that joins
-    later) and the JSON-able `info`."""
-    tensors = {}
-    for k, state in enumerate(states):
-        if state is None:
-            continue
-        tensors.update({f"{k}/adapter/{key}": v for key, v in state.adapter.items()})
-        tensors.update({f"{k}/mixing/{g}": v.reshape(1) for g, v in state.logits.items()})
-    commit_tensors(folder, round_, tensors, {**info, "num_clients": len(states),
-                                             "absent": [k for k, state in enumerate(states) if state is None]})
-
-
 class RunFolderError(ValueError):
     """A run folder that holds another run (other settings, or a run not asked to be resumed)."""
 
@@ -118,22 +105,21 @@ def load_tensors(folder: Path) -> tuple[dict, dict] | None:
 
 
 def load_checkpoint(folder: Path) -> tuple[dict, list[ClientState | None]] | None:
-    """The last committed round of `folder` (None if nothing was committed yet); errors as `load_tensors`."""
+    """The last committed round of `folder`: (info, every client's latest upload and mixing logits,
+    indexed by client, None for a client without one); None if nothing was committed yet. Errors
+    as `load_tensors`."""
     loaded = load_tensors(folder)
     if loaded is None:
         return None
     info, tensors = loaded
+    states: dict[int, ClientState] = {}
     try:
-        num_clients = int(info["num_clients"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {folder / 'state.json'} is corrupt or truncated ({exc}); delete the "
-                              "folder to start over") from exc
-    absent = set(info.get("absent", []))
-    states = [None if k in absent else ClientState({}, {}) for k in range(num_clients)]
-    for key, v in tensors.items():
-        k, kind, rest = key.split("/", 2)
-        if kind == "adapter":
-            states[int(k)].adapter[rest] = v
-        else:
-            states[int(k)].logits[rest] = v.reshape(())
-    return info, states
+        for key, v in tensors.items():
+            owner, kind, rest = key.split("/", 2)
+            if kind == "adapter":
+                states.setdefault(int(owner), ClientState({}, {})).adapter[rest] = v
+            elif kind == "mixing":
+                states.setdefault(int(owner), ClientState({}, {})).logits[rest] = v.reshape(())
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {folder} has a tensor named {key!r} that is not a client's ({exc})") from exc
+    return info, [states.get(k) for k in range(max(states) + 1 if states else 0)]

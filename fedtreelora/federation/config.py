@@ -92,7 +92,7 @@ class ExperimentConfig:
     mixing_lr: float = _f(0.2, "learning rate of the mixing logits (lam = sigmoid(logit)); Adam moves a logit by about lr per step, so 0.2 lets lam go from 0.8 to 0.99 (logit 1.4 to 4.6) within the 16 federated steps of the default run")
     mixing_init: float = _f(0.8, "initial lam (weight of the cluster expert)")
     # federation
-    warmup_rounds: int = _f(2, "rounds of local-only training shared by all methods before the tree is built")
+    warmup_rounds: int = _f(2, "rounds of local-only training shared by all methods before the tree is built (>= 1)")
     warmup_head: bool = _f(True, "train the classifier head during warm-up (False: it stays at its shared initialisation, so the task signal lands in the LoRA factors the tree reads)")
     rounds: int = _f(2, "federated rounds after warm-up")
     client_fraction: float = _f(1.0, "fraction of clients that train in a federated round (the others are represented by their last upload)")
@@ -194,9 +194,12 @@ class ExperimentConfig:
         if not isinstance(self.target_modules, list) or not all(isinstance(m, str) and m for m in self.target_modules):
             raise ValueError(f"config target_modules must be a list of module names (empty = the task's default), "
                              f"got {self.target_modules!r}")
-        for name in ("warmup_rounds", "rounds", "local_steps", "warmup_steps", "classes_per_group"):
+        for name in ("rounds", "local_steps", "warmup_steps", "classes_per_group"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"config {name} must be >= 0, got {getattr(self, name)}")
+        if int(self.warmup_rounds) < 1:
+            raise ValueError(f"config warmup_rounds must be >= 1 (every method decides on the clients' warm-up "
+                             f"uploads), got {self.warmup_rounds}")
         if self.late_clients < 0 or self.late_clients >= self.num_clients:
             raise ValueError(f"config late_clients must lie in [0, num_clients={self.num_clients}), got {self.late_clients}")
         if self.late_clients and not 1 <= self.late_round <= self.rounds:

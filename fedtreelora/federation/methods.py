@@ -3,7 +3,10 @@
 Every method starts from the same warm-up (local training of every client), then each round turns
 the clients' uploaded adapters into, per client, a cluster expert (what the client trains, loaded
 into PEFT's adapter) and an optional frozen external expert mixed in by `ExpertMixer`. Training and
-evaluation are shared (`client.LocalTrainer`); only `setup` (after warm-up) and `aggregate` differ.
+evaluation are shared (`client.LocalTrainer`); only `setup` (after warm-up), `aggregate` and
+`extend` (clients that join later) differ. `fedtreelora.flower.strategy.PersonalisedStrategy` runs
+any of them, in `fedtreelora simulate` and on Flower alike; the clients come in a fixed order (a
+list), named by `names` where a rule keeps names (FedTreeLoRA's tree).
 """
 from __future__ import annotations
 
@@ -27,14 +30,18 @@ class Method:
         """Whether the clients learn lam (so `mixing_lr` and `mixing_init` matter to the method)."""
         return self.mixing and self.fixed_lam is None
 
-    def setup(self, warm_states: list[dict], weights: np.ndarray, config, groups: np.ndarray) -> None:
-        """Called once after warm-up with the clients' adapters (and the true groups, for oracles only)."""
+    def setup(self, warm_states: list[dict], weights: np.ndarray, config, groups: np.ndarray,
+              names: list[str] | None = None) -> None:
+        """Called after warm-up with the clients' adapters (and the true groups, for oracles only);
+        `names` are the clients' names, in order."""
 
     def aggregate(self, states: list[dict], weights: np.ndarray) -> Experts:
         raise NotImplementedError
 
-    def extend(self, old_states: list[dict], new_states: list[dict], weights: np.ndarray, groups: np.ndarray) -> None:
-        """Clients that join after set-up (`late_clients`): place them without deciding again."""
+    def extend(self, old_states: list[dict], new_states: list[dict], weights: np.ndarray, groups: np.ndarray,
+               names: list[str] | None = None) -> None:
+        """Clients that join after set-up (`late_clients`): place them without deciding again.
+        `weights` and `groups` cover the old clients, then the new; `names` are the new clients'."""
         raise NotImplementedError(f"method {self.name!r} cannot take clients that join late")
 
     def summary(self) -> dict:
@@ -70,7 +77,7 @@ class _Segmented(Method):
     def layer_labels(self, n_layers: int, n: int) -> np.ndarray:
         raise NotImplementedError
 
-    def setup(self, warm_states, weights, config, groups):
+    def setup(self, warm_states, weights, config, groups, names=None):
         self.config = config
         n_layers = len(parse_layout(warm_states[:1]).layers)
         self.labels = np.asarray(self.layer_labels(n_layers, len(warm_states)), dtype=np.int64)
@@ -82,7 +89,7 @@ class _Segmented(Method):
         experts = self.experts(states, weights)
         return experts if self.mixing else [(cluster, None) for cluster, _ in experts]
 
-    def extend(self, old_states, new_states, weights, groups):
+    def extend(self, old_states, new_states, weights, groups, names=None):
         n_old, n = len(old_states), len(old_states) + len(new_states)
         if self.placement == "rule":
             self.groups = np.asarray(groups)
@@ -123,7 +130,7 @@ class FedIT(_Segmented):
 class OracleGroups(_Segmented):
     name, description = "oracle-groups", "FedAvg inside the true planted groups (told the groups; a reference)"
 
-    def setup(self, warm_states, weights, config, groups):
+    def setup(self, warm_states, weights, config, groups, names=None):
         self.groups = np.asarray(groups)
         super().setup(warm_states, weights, config, groups)
 
@@ -166,7 +173,7 @@ class _OnePartition(_Segmented):
 class FlatClusters(_OnePartition):
     name, description = "flat", "FedLEASE-style flat clustering: one partition (best silhouette) for all layers"
 
-    def setup(self, warm_states, weights, config, groups):
+    def setup(self, warm_states, weights, config, groups, names=None):
         _, mean, z = _global_linkage(warm_states, config)   # the best-silhouette cut of the tree, any count >= 2
         self.partition = choose_cuts(mean[None], z, window=None, tau=None)[1][0].numpy()
         super().setup(warm_states, weights, config, groups)
@@ -176,7 +183,7 @@ class FixedClusters(_OnePartition):
     name, description = "ablation-fixed", "ablation: the global tree cut into `fixed_clusters` clusters at every layer, with experts"
     mixing = True
 
-    def setup(self, warm_states, weights, config, groups):
+    def setup(self, warm_states, weights, config, groups, names=None):
         _, _, z = _global_linkage(warm_states, config)
         c = min(max(config.fixed_clusters, 1), len(warm_states))
         self.partition = ops.cut_tree(z, torch.tensor([c], dtype=torch.int64))[0].numpy()
@@ -189,7 +196,7 @@ class PerLayerClusters(_Segmented):
 
     placement = "layer"
 
-    def setup(self, warm_states, weights, config, groups):
+    def setup(self, warm_states, weights, config, groups, names=None):
         per_layer, _ = client_distances(warm_states, config.metric)
         rows = [choose_cuts(d[None], ops.linkage(d, config.linkage), window=None, tau=config.tau)[1][0].numpy()
                 for d in per_layer]   # each layer its own tree and best cut, one cluster scoring tau
@@ -201,23 +208,28 @@ class PerLayerClusters(_Segmented):
 
 
 class FedTreeLoRA(Method):
-    """FedTreeLoRA's server rule: `decide` builds the global tree once (after warm-up), `expert_result`
-    turns the latest uploads into every client's cluster and external expert with that tree,
-    `extend` places late clients into it.
+    """FedTreeLoRA's server rule: `setup` builds the global tree (after warm-up), `aggregate` turns
+    the latest uploads into every client's cluster and external expert with that tree, `extend`
+    places late clients into it.
 
-    The one implementation of the rule: `fedtreelora simulate` (through `aggregate`, clients by
-    index) and the Flower strategy `fedtreelora.flower.FedTreeLoRA` (clients named by node id, with
-    its `clip_norm` / `robust` / `trim_ratio` as `aggregate_options`) both call it.
+    Parameters
+    ----------
+    tree_config : fedtreelora.TreeConfig, optional
+        The tree's settings; None: the experiment config's (`ExperimentConfig.tree_config()`).
+    **aggregate_options
+        More arguments of `fedtreelora.aggregate` (clip_norm, robust, trim_ratio).
     """
     name, description = "fedtreelora", "FedTreeLoRA: one global tree, cut deeper at deeper layers; cluster + external experts"
 
-    def __init__(self, **aggregate_options):
-        self.aggregate_options = aggregate_options      # extra arguments of core.aggregate (clip_norm, robust, ...)
+    def __init__(self, tree_config=None, **aggregate_options):
+        self.settings = tree_config                     # what `setup` builds with (None: the config's)
+        self.aggregate_options = aggregate_options
         self.tree: AggregationTree | None = None
         self.tree_config = None
 
-    def setup(self, warm_states, weights, config, groups):
-        self.decide(warm_states, config.tree_config())
+    def setup(self, warm_states, weights, config, groups, names=None):
+        tree_config = self.settings if self.settings is not None else config.tree_config()
+        self.decide(dict(zip(names, warm_states)) if names is not None else warm_states, tree_config)
 
     def decide(self, states, tree_config) -> AggregationTree:
         """Build the tree over `states` (a list, or a dict client name -> state dict) with `tree_config`."""
@@ -233,9 +245,15 @@ class FedTreeLoRA(Method):
         res = self.expert_result(states, torch.as_tensor(weights, dtype=torch.float64))
         return list(zip(res.cluster_states, res.external_states))
 
-    def extend(self, old_states, new_states, weights=None, groups=None):
-        from ..core import extend_tree   # places each new client layer by layer, inside its cluster above
-        self.tree = extend_tree(self.tree, old_states, new_states)
+    def extend(self, old_states, new_states, weights=None, groups=None, names=None):
+        import fedtreelora   # the library's public extend_tree: a build without one cannot place late clients
+        extend_tree = getattr(fedtreelora, "extend_tree", None)
+        if extend_tree is None:
+            raise NotImplementedError("this fedtreelora has no extend_tree")
+        if names is not None and self.tree.client_names is not None:
+            old_states = dict(zip(self.tree.client_names, old_states))
+            new_states = dict(zip(names, new_states))
+        self.tree = extend_tree(self.tree, old_states, new_states)   # each new client layer by layer, nested
 
     def summary(self):
         return {"n_clusters": [int(c) for c in np.asarray(self.tree.n_clusters).reshape(-1)],

@@ -1,6 +1,7 @@
 """The clients of one experiment: their data splits, the one PEFT model they share, and one client's
-training and evaluation. The in-process schedule and the Flower ClientApp both build exactly this,
-so client k trains the same thing in either.
+training and evaluation. `fedtreelora simulate` (its clients as in-process nodes) and the experiment's
+Flower ClientApp both serve exactly this (`fedtreelora.flower.pool_nodes.pool_node`), so client k
+trains the same thing in either.
 
 Every random draw of a local run comes from (seed, round, client) through `draws.derived_seed`, so any
 round can be replayed exactly (this is what makes a resumed run land on the same metrics).

@@ -10,18 +10,21 @@ For any PEFT Flower app (the FlowerTune LLM template, say):
 - `to_arrayrecord` / `from_arrayrecord`: state dicts <-> ArrayRecords of any floating dtype (bf16);
 - `InProcessGrid`: a Grid whose nodes are ClientApps in this process (tests, small runs).
 
-This project's own experiment on Flower (the federation of `fedtreelora simulate`, all methods):
+The one round loop under all of it is `strategy.PersonalisedStrategy` (any server rule of
+`federation.methods`; `FedTreeLoRA` is it with FedTreeLoRA's rule). This project's own experiment
+runs it too, in process (`fedtreelora simulate`) and on Flower, through `experiment.Experiment`:
 
-- `strategy.PersonalisedStrategy`, `client_app.client_app()` / `client_app.app`,
-  `server_app.server_app()` / `server_app.app`, `messages` (their wire format);
-- `pool_nodes.pool_grid(pool)`: the experiment's clients as nodes for the `FedTreeLoRA` Strategy
-  (it then runs the rounds of `fedtreelora simulate --methods fedtreelora`).
+- `pool_nodes.pool_node(pool)` / `pool_grid(pool)`: the experiment's clients as nodes;
+- `client_app.client_app()` / `client_app.app`, `server_app.server_app()` / `server_app.app`: the
+  experiment's Flower app (`examples/flower_experiment`).
 
 See docs/flower.md.
 """
 from .arrays import from_arrayrecord, to_arrayrecord
 from .local_grid import InProcessGrid
 from .peft_client import load_experts, make_reply, training_seed
+from .strategy import PersonalisedStrategy
 from .tree_strategy import FedTreeLoRA
 
-__all__ = ["FedTreeLoRA", "load_experts", "make_reply", "training_seed", "to_arrayrecord", "from_arrayrecord", "InProcessGrid"]
+__all__ = ["FedTreeLoRA", "PersonalisedStrategy", "load_experts", "make_reply", "training_seed", "to_arrayrecord",
+           "from_arrayrecord", "InProcessGrid"]

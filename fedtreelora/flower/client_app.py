@@ -1,27 +1,22 @@
-"""The ClientApp: one FedTreeLoRA client (`client.LocalTrainer` via `runtime.ClientRuntime`).
+"""The experiment's ClientApp: client `partition-id` of the experiment, serving `pool_nodes.pool_node`.
 
-Handles three message types: "query" (partition id, sample count, group), "train" (load the cluster
-expert, mixing logits and external expert it was sent, train locally, upload) and "evaluate" (its
-personalised model on its test split). It keeps nothing between messages: the server sends each
-client its own state every round, so a restarted SuperNode loses nothing.
+Every message of the experiment's Strategy carries the experiment config (ConfigRecord "config",
+entry "experiment"), from which the node builds the same `ClientPool` as `fedtreelora simulate`
+(`runtime.client_pool`, cached per process), then answers exactly as the in-process node does.
+The node keeps nothing the server needs: it reports its upload and mixing logits, and the server
+sends them back, so a restarted SuperNode loses nothing.
 """
 from __future__ import annotations
+
+import json
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from .messages import client_reply_content, read_server_content
-from .runtime import ClientRuntime, DatasetSource, num_partitions, partition_id
-
-
-def _runtime(message: Message, context: Context, dataset_source: DatasetSource):
-    config, round_, phase, state, external = read_server_content(message.content)
-    k = partition_id(context.node_config)
-    n = num_partitions(context.node_config)
-    if n is not None and n != config.num_clients:
-        raise ValueError(f"this SuperNode has num-partitions={n} but the experiment has num_clients={config.num_clients}")
-    source = dataset_source if dataset_source is not None else context.run_config.get("dataset-fn") or None
-    return ClientRuntime.get(config, source), k, round_, state, external
+from ..federation.config import ExperimentConfig
+from .experiment import EXPERIMENT_KEY
+from .pool_nodes import pool_node
+from .runtime import DatasetSource, client_pool, num_partitions
 
 
 def client_app(dataset_fn: DatasetSource = None, mods: list | None = None) -> ClientApp:
@@ -30,29 +25,20 @@ def client_app(dataset_fn: DatasetSource = None, mods: list | None = None) -> Cl
     config's own `dataset` is used. `mods` are Flower client mods (middleware)."""
     app = ClientApp(mods=list(mods or []))
 
-    @app.query()
-    def query(message: Message, context: Context) -> Message:
-        runtime, k, _, _, _ = _runtime(message, context, dataset_fn)
-        return Message(client_reply_content({"partition-id": k, **runtime.describe(k)}), reply_to=message)
+    def serve(message: Message, context: Context) -> Message:
+        config = message.content.config_records.get("config")
+        if config is None or EXPERIMENT_KEY not in config:
+            raise KeyError(f'the message lacks the experiment config ("config" record, entry {EXPERIMENT_KEY!r})')
+        experiment = ExperimentConfig.from_dict(json.loads(str(config[EXPERIMENT_KEY])))
+        n = num_partitions(context.node_config)
+        if n is not None and n != experiment.num_clients:
+            raise ValueError(f"this SuperNode has num-partitions={n} but the experiment has "
+                             f"num_clients={experiment.num_clients}")
+        source = dataset_fn if dataset_fn is not None else context.run_config.get("dataset-fn") or None
+        return pool_node(client_pool(experiment, source))(message, context)
 
-    @app.train()
-    def train(message: Message, context: Context) -> Message:
-        runtime, k, round_, state, external = _runtime(message, context, dataset_fn)
-        new_state, info = runtime.train(k, state, external, round_)
-        metrics = {"partition-id": k, "train-loss": info["train_loss"], "steps": info["steps"],
-                   "num-examples": info["num_samples"]}
-        return Message(client_reply_content(metrics, new_state), reply_to=message)
-
-    @app.evaluate()
-    def evaluate(message: Message, context: Context) -> Message:
-        runtime, k, _, state, external = _runtime(message, context, dataset_fn)
-        if state is None:
-            raise ValueError("an evaluate message must carry the client's adapter")
-        result = runtime.evaluate(k, state, external)
-        metrics = {"partition-id": k, "accuracy": result["accuracy"], "loss": result["loss"],
-                   "num-examples": result["num_samples"]}
-        return Message(client_reply_content(metrics), reply_to=message)
-
+    app.train()(serve)
+    app.evaluate()(serve)
     return app
 
 

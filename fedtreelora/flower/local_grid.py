@@ -4,21 +4,53 @@ No SuperLink, no Ray, no network: `send_and_receive` hands every message to its 
 (or any function (message, context) -> reply Message) with that node's persistent `Context`, one
 after the other, and returns the replies. A ClientApp that raises gives an error reply, as a
 SuperNode does. Any Flower Strategy runs on it unchanged (`strategy.start(grid=InProcessGrid(...))`),
-which makes it the quick way to test a strategy or to run a small federation in one process.
+which makes it the quick way to test a strategy or to run a small federation in one process
+(`fedtreelora simulate` runs on it). Outside a ServerApp process, run the strategy inside
+`in_process_server()`, which gives this process the server identity that Flower's messages need.
 """
 from __future__ import annotations
 
+import logging
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
-__all__ = ["InProcessGrid"]
+__all__ = ["InProcessGrid", "in_process_server"]
 
 ClientFn = Callable[[Message, Context], Message]
 CLIENT_APP_EXCEPTION = 1   # the error code a SuperNode uses for a ClientApp that raised
+
+
+@contextmanager
+def in_process_server(quiet: bool = True) -> Iterator[None]:
+    """Run a Strategy in this process: the server identity a ServerApp process has (where none is
+    set yet) and, with `quiet`, flwr's INFO lines off (its warnings stay). Restores both after.
+
+    Examples
+    --------
+    >>> from fedtreelora.flower.local_grid import in_process_server
+    >>> with in_process_server():
+    ...     pass
+    """
+    saved = {name: getattr(TaskIdentity, name) for name in ("_run_id", "_task_id", "_node_id")}
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):   # 0: the SuperLink's node id
+        if saved[name] is None:
+            setattr(TaskIdentity, name, value)
+    if quiet:
+        flwr_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(TaskIdentity, name, value)
+        flwr_logger.setLevel(level)
 
 
 class InProcessGrid(Grid):

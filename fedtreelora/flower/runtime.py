@@ -1,11 +1,11 @@
-"""One client's side of the federation inside a ClientApp: the same `federation.pool.ClientPool` the
-in-process schedule uses, built once per process and experiment config.
+"""One client's side of the experiment inside a ClientApp: the same `federation.pool.ClientPool`
+`fedtreelora simulate` uses, built once per process and experiment config.
 
 A ClientApp is called once per message and may share its process with other clients (the Ray
-actors of the simulation engine run many), so the runtime is cached by (config, dataset source).
+actors of the simulation engine run many), so the pool is cached by (config, dataset source).
 Every client of one config builds the identical model (seeded), tokenises the same texts and draws
 the same partition as the in-process run, then uses only its own split: client k trains exactly
-what `Federation._train` trains for k.
+what it trains in process.
 """
 from __future__ import annotations
 
@@ -14,14 +14,13 @@ import json
 import threading
 from typing import Callable
 
-from ..client.trainer import ClientState
 from ..federation.config import ExperimentConfig
 from ..federation.data import TextDataset, load_dataset_for
 from ..federation.pool import ClientPool
 
 DatasetSource = Callable[[ExperimentConfig], TextDataset] | str | None
 
-_CACHE: dict[tuple[str, str], "ClientRuntime"] = {}
+_CACHE: dict[tuple[str, str], ClientPool] = {}
 _LOCK = threading.Lock()
 
 
@@ -41,34 +40,14 @@ def resolve_dataset_fn(source: DatasetSource) -> Callable[[ExperimentConfig], Te
         raise ImportError(f"dataset-fn {source!r} cannot be loaded: {exc}") from exc
 
 
-class ClientRuntime:
+def client_pool(config: ExperimentConfig, dataset_source: DatasetSource = None) -> ClientPool:
     """The `ClientPool` of one experiment config and dataset source, cached per process."""
-
-    def __init__(self, config: ExperimentConfig, dataset: TextDataset):
-        self.config = config
-        self.pool = ClientPool(config, dataset)
-        self.clients = self.pool.clients
-
-    @classmethod
-    def get(cls, config: ExperimentConfig, dataset_source: DatasetSource = None) -> "ClientRuntime":
-        key = (json.dumps(config.to_dict(), sort_keys=True), repr(dataset_source))
-        with _LOCK:
-            if key not in _CACHE:
-                _CACHE.clear()            # one experiment per process at a time: free the last model
-                _CACHE[key] = cls(config, resolve_dataset_fn(dataset_source)(config))
-            return _CACHE[key]
-
-    def describe(self, k: int) -> dict:
-        client = self.pool.client(k)
-        return {"num-train": int(client.num_train), "num-test": int(len(client.test_idx)), "group": int(client.group)}
-
-    def train(self, k: int, start: ClientState | None, external, round_: int) -> tuple[ClientState, dict]:
-        """Client k's local run (None: from the initial LoRA), exactly as in-process."""
-        return self.pool.train(k, start, external, round_)
-
-    def evaluate(self, k: int, state: ClientState, external) -> dict:
-        """Client k's personalised model on its test split, exactly as in-process."""
-        return self.pool.evaluate(k, state, external)
+    key = (json.dumps(config.to_dict(), sort_keys=True), repr(dataset_source))
+    with _LOCK:
+        if key not in _CACHE:
+            _CACHE.clear()            # one experiment per process at a time: free the last model
+            _CACHE[key] = ClientPool(config, resolve_dataset_fn(dataset_source)(config))
+        return _CACHE[key]
 
 
 def partition_id(node_config) -> int:
