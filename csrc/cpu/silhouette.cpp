@@ -96,16 +96,12 @@ constexpr int64_t kMaskedClasses = 6;
 #endif
 
 // Adds the entries x of one vector (class ids c) into the float lanes of their class: one compare and
-// one masked add per class. Even classes use the add (Zen 4: the two FP add pipes), odd classes an
-// FMA x * 1 + part under the same mask (the two FMA pipes): the same exact sum, since x * 1 = x, so
-// the adds of a vector spread over four pipes instead of two.
+// one masked add per class (the masked adds are the bound: about one a cycle on Zen 4, where a masked
+// FMA x * 1 + part on the other pipes measured slower, and precomputed masks loaded per vector too).
 template <int R>
 __attribute__((target("avx512f"), always_inline)) inline void add_by_class(__m512 (&part)[R], __m512 x, __m512i c) {
-  const __m512 one = _mm512_set1_ps(1.0f);
-  for (int r = 0; r < R; ++r) {
-    const __mmask16 k = _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(r));
-    part[r] = r % 2 == 0 ? _mm512_mask_add_ps(part[r], k, part[r], x) : _mm512_mask3_fmadd_ps(x, one, part[r], k);
-  }
+  for (int r = 0; r < R; ++r)
+    part[r] = _mm512_mask_add_ps(part[r], _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(r)), part[r], x);
 }
 
 // total[r] += the 16 float lanes of part[r], converted (exactly) to double.
@@ -138,10 +134,14 @@ __attribute__((target("avx512f"))) inline bool masked_class_sums_avx512(const fl
     for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm512_setzero_ps();
     const int64_t stop = std::min(n, j + 2 * kLaneEntries * 16);
     for (; j + 32 <= stop; j += 32) {
-      const __m512 x = _mm512_loadu_ps(row + j), y = _mm512_loadu_ps(row + j + 16);
+      __m512 x = _mm512_loadu_ps(row + j), y = _mm512_loadu_ps(row + j + 16);
+      __m512i cx = _mm512_loadu_si512(cls + j), cy = _mm512_loadu_si512(cls + j + 16);
+      // Kept in registers: GCC otherwise folds a load into every instruction that uses the vector
+      // (3 loads of x, 2 of its class ids), and the loads become the bound (1.3-2x slower, R <= 2).
+      asm("" : "+v"(x), "+v"(y), "+v"(cx), "+v"(cy));
       top = _mm512_max_epu32(top, _mm512_max_epu32(_mm512_castps_si512(x), _mm512_castps_si512(y)));
-      add_by_class(even, x, _mm512_loadu_si512(cls + j));
-      add_by_class(odd, y, _mm512_loadu_si512(cls + j + 16));
+      add_by_class(even, x, cx);
+      add_by_class(odd, y, cy);
     }
     // The row's last 1..31 entries (stop = n here): a full vector into the even lanes, then a partial
     // one into the odd lanes, which loads zeros past the row's end (they pass the check, add nothing).
