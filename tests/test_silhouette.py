@@ -6,6 +6,8 @@ allowed is the float32 output and summation order: 1e-5 absolute. Where sklearn 
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -171,14 +173,20 @@ def test_nested_crossing_and_singleton_partitions_in_one_batch():
     assert_matches_sklearn(torch.from_numpy(d), torch.from_numpy(np.ascontiguousarray(labels)))
 
 
-def assert_same_on_one_thread(d, labels):
-    """The scores on one thread equal those on all of torch's threads, bit for bit."""
+@contextlib.contextmanager
+def torch_threads(count: int):
     threads = torch.get_num_threads()
+    torch.set_num_threads(count)
     try:
-        torch.set_num_threads(1)
-        one = ops.silhouette(d, labels)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def assert_same_on_one_thread(d, labels):
+    """The scores on one thread equal those on all of torch's threads, bit for bit."""
+    with torch_threads(1):
+        one = ops.silhouette(d, labels)
     torch.testing.assert_close(one, ops.silhouette(d, labels), rtol=0, atol=0, equal_nan=True)
 
 
@@ -300,6 +308,15 @@ def test_kernel_rejects_bad_input():
     d = valid_d()
     with pytest.raises(ValueError, match=r"labels must lie in \[0, N\) with N=4, found 9 at \[1, 0, 2\]"):
         kernel(d, torch.tensor([[[0, 1, 0, 1]], [[0, 1, 9, 1]]]))
+    # The layers are renumbered in parallel: the first bad label in [layer, partition, client] order
+    # is named, whichever thread met which.
+    many = torch.zeros(5, 3, 4, dtype=torch.int64)
+    many[4, 0, 0], many[2, 1, 3], many[2, 2, 0], many[3, 0, 1] = -1, 7, 9, 4
+    for threads in (1, 2):
+        with torch_threads(threads), pytest.raises(ValueError, match=r"found 7 at \[2, 1, 3\]"):
+            kernel(valid_d(5), many)
+        with torch_threads(threads), pytest.raises(ValueError, match=r"found 7 at \[2, 1, 3\]"):
+            ops.silhouette(valid_d(5), many)
     with pytest.raises(ValueError, match="labels must be"):
         kernel(d, torch.zeros(2, 1, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="d must be"):

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -215,68 +216,99 @@ FEDTREELORA_ROW_KERNELS(at::Half)
 FEDTREELORA_ROW_KERNELS(at::BFloat16)
 #undef FEDTREELORA_ROW_KERNELS
 
-// What the scoring of a row needs of each partition q = (l, m), computed once per call: its layer's
+// Runs worker(take) on torch's intra-op threads (at most count of them), where take() hands out the
+// items 0, 1, 2, ... one at a time from a shared counter (a worker loops until take() >= count).
+// Not one fixed range per thread: on a busy machine a thread that loses its core for a while leaves
+// its items to the others instead of making them wait for it at the end of the region.
+template <typename Worker>
+void for_each_item(int64_t count, const Worker& worker) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), count), 1,
+                   [&](int64_t, int64_t) { worker([&next] { return next++; }); });
+}
+
+// What the scoring of a row needs of each partition q = (l, m), N entries per q at most: its layer's
 // refined classes grouped by cluster (so that a cluster's sum is a short run of adds in a register,
 // not a scatter into memory that the next load waits on), and each cluster's reciprocal size and
 // size less one (b's and a's divisors: the scoring multiplies, within 1 ulp of sklearn's quotients,
-// instead of dividing 2-3 times per cluster per row).
+// instead of dividing 2-3 times per cluster per row). Left uninitialised past what is used.
 struct ClusterTables {
-  std::vector<int64_t> cluster_at;  // [L * M + 1]: q's clusters are entries cluster_at[q] .. cluster_at[q + 1] of:
-  std::vector<int64_t> class_end;   //   the end of the cluster's classes in q's run of `classes`
-  std::vector<double> inv_size, inv_rest;  // 1 / size, 1 / max(size - 1, 1)
-  std::vector<int64_t> class_at;    // [L * M + 1]: q's classes, ordered by cluster, are entries
-  std::vector<int32_t> classes;     //   class_at[q] .. class_at[q + 1] of `classes`
+  explicit ClusterTables(int64_t entries)
+      : class_end(new int32_t[entries]), classes(new int32_t[entries]), inv_size(new double[entries]),
+        inv_rest(new double[entries]) {}
+  std::unique_ptr<int32_t[]> class_end;  // [L, M, N]: cluster c's classes end at q's classes[class_end[c]]
+  std::unique_ptr<int32_t[]> classes;    // [L, M, N]: the layer's classes ordered by their cluster in q
+  std::unique_ptr<double[]> inv_size, inv_rest;  // [L, M, N]: 1 / size, 1 / max(size - 1, 1) of cluster c
 };
 
-inline ClusterTables cluster_tables(const Partitions& p, const Refinement& f, int64_t n_layers, int64_t n_parts,
-                                    int64_t n) {
-  const int64_t parts = n_layers * n_parts;
-  ClusterTables t{std::vector<int64_t>(parts + 1, 0), {}, {}, {}, std::vector<int64_t>(parts + 1, 0), {}};
-  for (int64_t q = 0; q < parts; ++q) {
-    t.cluster_at[q + 1] = t.cluster_at[q] + p.n_labels[q];
-    t.class_at[q + 1] = t.class_at[q] + f.n_classes[q / std::max<int64_t>(n_parts, 1)];
-  }
-  t.class_end.resize(t.cluster_at[parts]);
-  t.inv_size.resize(t.cluster_at[parts]);
-  t.inv_rest.resize(t.cluster_at[parts]);
-  t.classes.resize(t.class_at[parts]);
-  for (int64_t q = 0; q < parts; ++q) {
-    const int64_t k = p.n_labels[q], c0 = t.cluster_at[q], n_classes = t.class_at[q + 1] - t.class_at[q];
+inline void fill_cluster_tables(const Partitions& p, const Refinement& f, int64_t l, int64_t n_parts, int64_t n,
+                                ClusterTables& t) {
+  const int64_t n_classes = f.n_classes[l];
+  for (int64_t q = l * n_parts; q < (l + 1) * n_parts; ++q) {
+    const int64_t k = p.n_labels[q];
     const int64_t* start = p.start.data() + q * (n + 1);
     const int32_t* cluster_of = f.cluster.data() + q * n;
-    int64_t* end = t.class_end.data() + c0;
+    int32_t* end = t.class_end.get() + q * n;
     std::fill(end, end + k, 0);
     for (int64_t r = 0; r < n_classes; ++r) ++end[cluster_of[r]];  // counting sort of the classes by cluster
     for (int64_t c = 1; c < k; ++c) end[c] += end[c - 1];
-    for (int64_t r = n_classes - 1; r >= 0; --r) t.classes[t.class_at[q] + --end[cluster_of[r]]] = static_cast<int32_t>(r);
+    for (int64_t r = n_classes - 1; r >= 0; --r) t.classes[q * n + --end[cluster_of[r]]] = static_cast<int32_t>(r);
     for (int64_t c = 0; c < k; ++c) {  // end[c] is now the start of cluster c: shift to the ends
-      end[c] = c + 1 < k ? end[c + 1] : n_classes;
+      end[c] = static_cast<int32_t>(c + 1 < k ? end[c + 1] : n_classes);
       const int64_t size = start[c + 1] - start[c];
-      t.inv_size[c0 + c] = 1.0 / static_cast<double>(size);
-      t.inv_rest[c0 + c] = 1.0 / static_cast<double>(std::max<int64_t>(size - 1, 1));
+      t.inv_size[q * n + c] = 1.0 / static_cast<double>(size);
+      t.inv_rest[q * n + c] = 1.0 / static_cast<double>(std::max<int64_t>(size - 1, 1));
     }
   }
-  return t;
 }
 
-// Silhouette of every client under every partition of every layer; false if d breaks its contract
-// (or a row sum overflows), and the caller then finds and reports the entry. The work items (blocks
-// of rows of one layer, all layers in one parallel region) are handed out one at a time from a
-// shared counter, not as one fixed range per thread: on a busy machine a thread that loses its core
-// for a while leaves its items to the others instead of making them wait at the end. A block's rows
-// are summed per class first, then scored partition by partition (independent rows back to back,
-// which the CPU overlaps); each row's score is computed the same way whichever thread takes it.
+// The labels renumbered, refined and tabled, layer by layer over the threads (a bad label is
+// reported as the first in [l, m, j] order, whichever thread met it).
+struct Prepared {
+  Partitions p;
+  Refinement f;
+  ClusterTables t;
+};
+
+inline Prepared prepare(const at::Tensor& labels, int64_t n) {
+  const int64_t n_layers = labels.size(0), n_parts = labels.size(1);
+  const int64_t* raw = labels.data_ptr<int64_t>();
+  Prepared prep{empty_partitions(n_layers * n_parts, n), empty_refinement(n_layers, n_parts, n),
+                ClusterTables(n_layers * n_parts * n)};
+  std::vector<int64_t> bad(n_layers, -1);
+  for_each_item(n_layers, [&](auto take) {
+    std::vector<int32_t> slot(n);
+    RefineScratch scratch;
+    for (int64_t l = take(); l < n_layers; l = take()) {
+      bad[l] = compact_layer(raw, l, n_parts, n, prep.p, slot);
+      if (bad[l] >= 0) continue;
+      refine_layer(prep.p, l, n_parts, n, prep.f, scratch);
+      fill_cluster_tables(prep.p, prep.f, l, n_parts, n, prep.t);
+    }
+  });
+  for (int64_t l = 0; l < n_layers; ++l)
+    if (bad[l] >= 0) label_error(raw, bad[l], n_parts, n);
+  return prep;
+}
+
+// The silhouette of every client under every partition of every layer, summed over each block of
+// kRowsPerItem clients in client order (block_total [L, M, blocks]); false if d breaks its contract
+// (or a row sum overflows), and the caller then finds and reports the entry. The work items are the
+// blocks of rows of every layer, in one parallel region. A block's rows are summed per class first,
+// then scored partition by partition (independent rows back to back, which the CPU overlaps). Each
+// block's totals are computed the same way whichever thread takes it.
 template <typename scalar_t>
-bool silhouette_rows(const scalar_t* d, const Partitions& p, const Refinement& f, int64_t n_layers, int64_t n_parts,
-                     int64_t n, double* scores /* [L, M, N] */) {
+bool silhouette_rows(const scalar_t* d, const Prepared& prep, int64_t n_layers, int64_t n_parts, int64_t n,
+                     double* block_total) {
+  const Partitions& p = prep.p;
+  const Refinement& f = prep.f;
+  const ClusterTables& t = prep.t;
   const int64_t blocks = (n + kRowsPerItem - 1) / kRowsPerItem, items = n_layers * blocks;
   const double diag_tol = diagonal_tolerance<scalar_t>();
-  const ClusterTables tables = cluster_tables(p, f, n_layers, n_parts, n);
   std::atomic<bool> valid{true};
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1, [&](int64_t, int64_t) {
+  for_each_item(items, [&](auto take) {
     std::vector<double> block_sums(kRowsPerItem * n);  // the block's class sums, row after row
-    for (int64_t item = next++; item < items && valid; item = next++) {
+    for (int64_t item = take(); item < items && valid; item = take()) {
       const int64_t l = item / blocks, i0 = (item % blocks) * kRowsPerItem, i1 = std::min(n, i0 + kRowsPerItem);
       const int64_t n_classes = f.n_classes[l];
       const int32_t* members = f.members.data() + l * n;
@@ -305,27 +337,28 @@ bool silhouette_rows(const scalar_t* d, const Partitions& p, const Refinement& f
         }
       }
       if (!valid) break;
-      for (int64_t m = 0; m < n_parts; ++m) {
-        const int64_t q = l * n_parts + m;
+      for (int64_t q = l * n_parts; q < (l + 1) * n_parts; ++q) {
         const int64_t k = p.n_labels[q];
         if (!silhouette_defined(k, n)) continue;
         const int64_t* start = p.start.data() + q * (n + 1);
-        const int64_t* class_end = tables.class_end.data() + tables.cluster_at[q];
-        const double* inv_size = tables.inv_size.data() + tables.cluster_at[q];
-        const double* inv_rest = tables.inv_rest.data() + tables.cluster_at[q];
-        const int32_t* classes = tables.classes.data() + tables.class_at[q];
+        const int32_t* class_end = t.class_end.get() + q * n;
+        const int32_t* classes = t.classes.get() + q * n;
+        const double* inv_size = t.inv_size.get() + q * n;
+        const double* inv_rest = t.inv_rest.get() + q * n;
+        double block = 0.0;
         for (int64_t i = i0; i < i1; ++i) {
           const double* csum = block_sums.data() + (i - i0) * n_classes;
           const int32_t own = p.label[q * n + i];
           double a = 0.0, b = std::numeric_limits<double>::infinity();
-          for (int64_t c = 0, t = 0; c < k; ++c) {
+          for (int64_t c = 0, r = 0; c < k; ++c) {
             double sum = 0.0;
-            for (; t < class_end[c]; ++t) sum += csum[classes[t]];
+            for (; r < class_end[c]; ++r) sum += csum[classes[r]];
             a = c == own ? sum * inv_rest[c] : a;
             b = c == own ? b : std::min(b, sum * inv_size[c]);
           }
-          scores[q * n + i] = silhouette_from_means(a, b, start[own + 1] - start[own]);
+          block += silhouette_from_means(a, b, start[own + 1] - start[own]);
         }
+        block_total[q * blocks + item % blocks] = block;
       }
     }
   });
@@ -355,22 +388,22 @@ at::Tensor silhouette_cpu(const at::Tensor& d, const at::Tensor& labels) {
   check_silhouette_args(d, labels);
   const int64_t n_layers = d.size(0), n_parts = labels.size(1), n = d.size(1);
   const at::Tensor dc = d.contiguous();
-  const Partitions p = compact_partitions(labels.contiguous(), n);
-  const Refinement f = refine_partitions(p, n_layers, n_parts, n);
-  std::vector<double> scores(n_layers * n_parts * n, 0.0);
+  const Prepared prep = prepare(labels.contiguous(), n);
+  const int64_t blocks = (n + kRowsPerItem - 1) / kRowsPerItem;
+  std::vector<double> block_total(n_layers * n_parts * blocks, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dc.scalar_type(), "silhouette_cpu", [&] {
-    if (!silhouette_rows(dc.data_ptr<scalar_t>(), p, f, n_layers, n_parts, n, scores.data()))
+    if (!silhouette_rows(dc.data_ptr<scalar_t>(), prep, n_layers, n_parts, n, block_total.data()))
       report_violation(dc.data_ptr<scalar_t>(), n_layers, n);
   });
   at::Tensor out = at::empty({n_layers, n_parts}, d.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   for (int64_t q = 0; q < n_layers * n_parts; ++q) {
-    if (!silhouette_defined(p.n_labels[q], n)) {
+    if (!silhouette_defined(prep.p.n_labels[q], n)) {
       o[q] = std::numeric_limits<float>::quiet_NaN();
       continue;
     }
-    double total = 0.0;  // summed in client order: the result does not depend on the thread count
-    for (int64_t i = 0; i < n; ++i) total += scores[q * n + i];
+    double total = 0.0;  // the blocks' totals in client order: the result does not depend on the thread count
+    for (int64_t b = 0; b < blocks; ++b) total += block_total[q * blocks + b];
     o[q] = static_cast<float>(total / static_cast<double>(n));
   }
   return out;
