@@ -308,8 +308,7 @@ def test_kernel_rejects_bad_input():
     d = valid_d()
     with pytest.raises(ValueError, match=r"labels must lie in \[0, N\) with N=4, found 9 at \[1, 0, 2\]"):
         kernel(d, torch.tensor([[[0, 1, 0, 1]], [[0, 1, 9, 1]]]))
-    # The layers are renumbered in parallel: the first bad label in [layer, partition, client] order
-    # is named, whichever thread met which.
+    # The first bad label in [layer, partition, client] order is named, on any number of threads.
     many = torch.zeros(5, 3, 4, dtype=torch.int64)
     many[4, 0, 0], many[2, 1, 3], many[2, 2, 0], many[3, 0, 1] = -1, 7, 9, 4
     for threads in (1, 2):

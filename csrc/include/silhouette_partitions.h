@@ -2,8 +2,7 @@
 // point (which uploads the result): labels renumbered per partition (refusing bad ones with the same
 // message on both backends) and the common refinement of each layer's partitions, whose classes'
 // distance sums give every partition's cluster sums. Deterministic (counting sorts, or a table of
-// the (class, label) pairs when they are few); layer by layer, so the CPU kernel spreads the layers
-// over its threads.
+// the (class, label) pairs when they are few), layer by layer.
 #pragma once
 
 #include <ATen/ATen.h>
