@@ -7,6 +7,7 @@ targets, and writes benchmarks/results/ops.json (ops_cuda.json with --device cud
     python benchmarks/bench_ops.py                # the full figures (a few minutes on 2 cores)
     python benchmarks/bench_ops.py --quick        # small sizes, a smoke run
     python benchmarks/bench_ops.py --device cuda  # on a GPU: tree_reduce vs the copy bandwidth too
+    python benchmarks/bench_ops.py --only silhouette --runs 5   # one op, five runs in one process
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import fedtreelora
 from fedtreelora import ops
 
 RESULTS = Path(__file__).resolve().parent / "results"
+STEPS = ("layer_distances", "linkage", "silhouette", "tree_reduce")
 
 
 def busy_threads(fn) -> float:
@@ -232,7 +234,11 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=4, help="r")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of the script")
-    parser.add_argument("--out", type=Path, default=None, help="JSON output (default benchmarks/results/ops[_cuda].json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON output (default benchmarks/results/ops[_cuda].json; with --only, none unless given)")
+    parser.add_argument("--only", nargs="+", choices=STEPS, default=None, help="run only these ops")
+    parser.add_argument("--runs", type=int, default=1, help="repeat each op's whole measurement this many times "
+                        "(a table row per run: the spread on a noisy machine)")
     args = parser.parse_args(argv)
     if args.quick:
         args.clients, args.linkage_clients, args.layers, args.hidden, args.repeats = 60, 200, 4, 64, 1
@@ -244,15 +250,19 @@ def main(argv=None):
 
     b_width, ab_width = paper_shapes(args.layers, args.hidden, args.rank)
     rows = []
-    steps = [
-        ("layer_distances", lambda: bench_layer_distances(args.clients, args.layers, b_width, device, args.repeats)),
-        ("linkage", lambda: bench_linkage(args.linkage_clients, args.repeats)),
-        ("silhouette", lambda: bench_silhouette(args.clients, args.layers, 3, device, args.repeats)),
-        ("tree_reduce", lambda: bench_tree_reduce(args.clients, args.layers, ab_width, 16, device, args.repeats)),
-    ]
-    for name, step in steps:
-        print(f"... {name}", file=sys.stderr, flush=True)
-        rows.append(step())
+    steps = {
+        "layer_distances": lambda: bench_layer_distances(args.clients, args.layers, b_width, device, args.repeats),
+        "linkage": lambda: bench_linkage(args.linkage_clients, args.repeats),
+        "silhouette": lambda: bench_silhouette(args.clients, args.layers, 3, device, args.repeats),
+        "tree_reduce": lambda: bench_tree_reduce(args.clients, args.layers, ab_width, 16, device, args.repeats),
+    }
+    assert tuple(steps) == STEPS
+    for name in STEPS:
+        if args.only and name not in args.only:
+            continue
+        for run in range(args.runs):
+            print(f"... {name}" + (f" (run {run + 1} of {args.runs})" if args.runs > 1 else ""), file=sys.stderr, flush=True)
+            rows.append(steps[name]())
 
     header = f"| op | size | ours (s) | plain stack | plain (s) | ours faster by | target | met |\n|---|---|---|---|---|---|---|---|"
     lines = [header] + [
@@ -270,9 +280,11 @@ def main(argv=None):
         "machine": platform.machine(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "native": fedtreelora.native_available(), "quick": args.quick,
         "config": {"clients": args.clients, "linkage_clients": args.linkage_clients, "layers": args.layers,
-                   "hidden": args.hidden, "rank": args.rank},
+                   "hidden": args.hidden, "rank": args.rank, "only": args.only, "runs": args.runs},
         "rows": rows, "table": "\n".join(lines), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+    if args.only and args.out is None:
+        return 0  # a partial run does not replace the full results
     out = args.out or RESULTS / ("ops.json" if device.type == "cpu" else "ops_cuda.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -6,6 +6,8 @@ allowed is the float32 output and summation order: 1e-5 absolute. Where sklearn 
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -171,14 +173,20 @@ def test_nested_crossing_and_singleton_partitions_in_one_batch():
     assert_matches_sklearn(torch.from_numpy(d), torch.from_numpy(np.ascontiguousarray(labels)))
 
 
-def assert_same_on_one_thread(d, labels):
-    """The scores on one thread equal those on all of torch's threads, bit for bit."""
+@contextlib.contextmanager
+def torch_threads(count: int):
     threads = torch.get_num_threads()
+    torch.set_num_threads(count)
     try:
-        torch.set_num_threads(1)
-        one = ops.silhouette(d, labels)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def assert_same_on_one_thread(d, labels):
+    """The scores on one thread equal those on all of torch's threads, bit for bit."""
+    with torch_threads(1):
+        one = ops.silhouette(d, labels)
     torch.testing.assert_close(one, ops.silhouette(d, labels), rtol=0, atol=0, equal_nan=True)
 
 
@@ -300,6 +308,14 @@ def test_kernel_rejects_bad_input():
     d = valid_d()
     with pytest.raises(ValueError, match=r"labels must lie in \[0, N\) with N=4, found 9 at \[1, 0, 2\]"):
         kernel(d, torch.tensor([[[0, 1, 0, 1]], [[0, 1, 9, 1]]]))
+    # The first bad label in [layer, partition, client] order is named, on any number of threads.
+    many = torch.zeros(5, 3, 4, dtype=torch.int64)
+    many[4, 0, 0], many[2, 1, 3], many[2, 2, 0], many[3, 0, 1] = -1, 7, 9, 4
+    for threads in (1, 2):
+        with torch_threads(threads), pytest.raises(ValueError, match=r"found 7 at \[2, 1, 3\]"):
+            kernel(valid_d(5), many)
+        with torch_threads(threads), pytest.raises(ValueError, match=r"found 7 at \[2, 1, 3\]"):
+            ops.silhouette(valid_d(5), many)
     with pytest.raises(ValueError, match="labels must be"):
         kernel(d, torch.zeros(2, 1, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="d must be"):
@@ -346,17 +362,19 @@ def test_row_block_edges_and_every_entry_checked(n):
             ops.silhouette(bad, labels)
 
 
-@pytest.mark.parametrize("n", [2, 3, 15, 16, 17, 127, 128, 129, 300])
+@pytest.mark.parametrize("n", [2, 3, 15, 16, 17, 31, 32, 33, 48, 127, 128, 129, 300, 511, 512, 513, 528, 1000])
 def test_few_classes_float32_every_entry_checked(n):
     """float32 d with at most 6 refined classes (nested cuts: the kernel's masked path on AVX-512,
-    16 entries per vector, partial vectors at the row's end): equal to sklearn, NaN, Inf and negative
-    entries found anywhere, -0.0 accepted as sklearn accepts it."""
+    16 entries per vector, two vectors per step, float lanes flushed to double every 512 entries, a
+    full and a partial vector at the row's end): equal to sklearn, NaN, Inf and negative entries
+    found anywhere, -0.0 accepted as sklearn accepts it."""
     rng = np.random.default_rng(n)
     d = torch.from_numpy(random_distances(rng, 2, n, "points")).float()
     fine = rng.integers(0, min(n - 1, 6) if n > 2 else 1, size=n)   # <= 6 classes, nested coarser cuts
     labels = torch.from_numpy(np.stack([fine % 2, fine % 3 // 2, fine]).astype(np.int64))[None].repeat(2, 1, 1)
     assert_matches_sklearn(d, labels)
     spots = {(0, n - 1), (n - 1, 0), (n - 1, n - 2), (n // 2, n // 3)} | ({(n - 1, 16 * ((n - 1) // 16))} if n > 16 else set())
+    spots |= {(n - 2, j) for j in (15, 16, 31, 32, 511, 512, 527, 528) if j < n - 2}
     for i, j in spots:
         if i == j:
             continue
@@ -370,3 +388,32 @@ def test_few_classes_float32_every_entry_checked(n):
             with pytest.raises(ValueError, match=rf"{what}.* at layer 1, \[{i}, {j}\]"):
                 ops.silhouette(bad, labels)
     assert_same_on_one_thread(d, labels)
+
+
+@pytest.mark.parametrize("n_classes", [1, 2, 3, 4, 5, 6])
+def test_few_classes_float32_sums_near_float_max(n_classes):
+    """float32 entries near FLT_MAX: the masked path's float lanes overflow, so those rows are summed
+    again in float64, as the docstring promises (sklearn on the same values in float64 agrees; the
+    row sums only overflow float64 far beyond this)."""
+    rng = np.random.default_rng(n_classes)
+    n = 70
+    d = rng.uniform(1e37, 3e38, size=(2, n, n))
+    d = 0.5 * (d + d.transpose(0, 2, 1))
+    d[:, np.arange(n), np.arange(n)] = 0.0
+    d = torch.from_numpy(d).float()
+    fine = np.arange(n) % n_classes
+    labels = torch.from_numpy(np.stack([fine % 2, fine]).astype(np.int64))[None].repeat(2, 1, 1)
+    assert_matches_sklearn(d, labels)
+
+
+def test_few_classes_float32_wide_dynamic_range():
+    """Entries from 1e-30 to 1e30 in one row (classes summed in float lanes, 16 entries a lane at
+    most, then in float64): still within 1e-5 of sklearn in float64."""
+    rng = np.random.default_rng(5)
+    n = 600
+    pts = rng.normal(size=(n, 3))
+    d = np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1)) * 10.0 ** rng.integers(-30, 31, size=(n, n))
+    np.fill_diagonal(d, 0.0)
+    fine = rng.integers(0, 6, size=n)
+    labels = np.stack([fine % 2, fine % 3, fine]).astype(np.int64)[None]
+    assert_matches_sklearn(torch.from_numpy(d).float()[None], torch.from_numpy(labels))
