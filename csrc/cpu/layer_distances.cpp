@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -57,9 +58,8 @@ at::Tensor upper_gram(const at::Tensor& rows) {
   return gram;
 }
 
-double rescale_rows(at::Tensor& rows) {
+double rescale_rows(at::Tensor& rows, double peak) {
   constexpr int kComfortable = 24;  // |exponent| of the largest magnitude left alone (the common case)
-  const double peak = at::linalg_vector_norm(rows, INFINITY).item<double>();
   if (!std::isfinite(peak) || peak == 0.0) return 1.0;  // NaN/Inf propagate; all-equal rows give 0
   int exponent = 0;
   std::frexp(peak, &exponent);  // peak = m * 2^exponent, m in [0.5, 1)
@@ -76,23 +76,32 @@ namespace {
 // by hand because ATen's mixed-dtype sum/sub/div would materialise float64 copies of it on CPU.
 
 // Frobenius: the slice minus its column means (accumulated in double), in out_t.
+// Returns the largest |value| written (NaN ignored: it propagates through the Gram anyway), so that
+// rescale_rows needs no further read of the rows.
 template <typename in_t, typename out_t>
-void centre_columns(const at::Tensor& slice, at::Tensor& rows) {
+double centre_columns(const at::Tensor& slice, at::Tensor& rows) {
   const int64_t n = slice.size(0), w = slice.size(1), row_stride = slice.stride(0);
   const in_t* src = slice.const_data_ptr<in_t>();
   out_t* dst = rows.data_ptr<out_t>();
+  std::vector<double> peaks(static_cast<size_t>(at::get_num_threads()), 0.0);
   at::parallel_for(0, w, 256, [&](int64_t begin, int64_t end) {
     std::vector<double> mean(end - begin, 0.0);
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t c = begin; c < end; ++c) mean[c - begin] += static_cast<double>(src[i * row_stride + c]);
     }
     for (double& m : mean) m /= static_cast<double>(n);
+    double peak = 0.0;
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t c = begin; c < end; ++c) {
-        dst[i * w + c] = static_cast<out_t>(static_cast<double>(src[i * row_stride + c]) - mean[c - begin]);
+        const out_t v = static_cast<out_t>(static_cast<double>(src[i * row_stride + c]) - mean[c - begin]);
+        dst[i * w + c] = v;
+        peak = std::max(peak, std::abs(static_cast<double>(v)));
       }
     }
+    double& mine = peaks[static_cast<size_t>(at::get_thread_num())];
+    mine = std::max(mine, peak);
   });
+  return *std::max_element(peaks.begin(), peaks.end());
 }
 
 // Cosine: each row divided by its norm, in out_t; zero rows stay zero. Rows are divided by their
@@ -123,7 +132,8 @@ void normalise_rows(const at::Tensor& slice, at::Tensor& rows) {
 // frobenius subtracts the column means (distances are translation invariant; a large common offset
 // would otherwise cancel catastrophically), cosine scales rows to unit norm (scale invariant; no
 // overflow or underflow in the squares).
-at::Tensor prepared_rows(const at::Tensor& layer_slice, bool cosine) {
+// The rows the Gram is taken of, and for frobenius their largest |value| (what rescale_rows needs).
+at::Tensor prepared_rows(const at::Tensor& layer_slice, bool cosine, double* peak) {
   const at::Tensor slice = layer_slice.stride(1) == 1 ? layer_slice : layer_slice.contiguous();
   at::Tensor rows;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, slice.scalar_type(), "layer_distances", [&] {
@@ -132,7 +142,7 @@ at::Tensor prepared_rows(const at::Tensor& layer_slice, bool cosine) {
     if (cosine) {
       normalise_rows<scalar_t, out_t>(slice, rows);
     } else {
-      centre_columns<scalar_t, out_t>(slice, rows);
+      *peak = centre_columns<scalar_t, out_t>(slice, rows);
     }
   });
   return rows;
@@ -163,8 +173,9 @@ std::tuple<at::Tensor, at::Tensor> layer_distances_cpu(const at::Tensor& x, cons
   at::Tensor per_layer = at::empty({layers, n, n}, x.options().dtype(at::kFloat));
   at::Tensor total = at::zeros({n, n}, x.options().dtype(at::kDouble));
   for (int64_t l = 0; l < layers; ++l) {
-    at::Tensor rows = prepared_rows(x.narrow(1, offsets[l], offsets[l + 1] - offsets[l]), cosine);
-    const double scale = cosine ? 1.0 : rescale_rows(rows);
+    double peak = 0.0;
+    at::Tensor rows = prepared_rows(x.narrow(1, offsets[l], offsets[l + 1] - offsets[l]), cosine, &peak);
+    const double scale = cosine ? 1.0 : rescale_rows(rows, peak);
     const at::Tensor gram = upper_gram(rows);
     float* out = per_layer.data_ptr<float>() + l * n * n;
     if (gram.scalar_type() == at::kDouble) {

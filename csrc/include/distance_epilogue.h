@@ -62,9 +62,10 @@ std::vector<int64_t> check_layer_distances_args(const at::Tensor& x, const at::T
 // norm, both computed in float64, the result in float32 (float64 for float64 input).
 at::Tensor upper_gram(const at::Tensor& rows);
 
-// Frobenius only: when the largest magnitude of the prepared rows is far from 1, multiplies them in
-// place by a power of two (exact) so that the Gram's squares neither overflow nor underflow, and
-// returns the factor that turns the distances computed from them back into true distances.
-double rescale_rows(at::Tensor& rows);
+// Frobenius only: when `peak`, the largest magnitude of the prepared rows (found while preparing
+// them), is far from 1, multiplies them in place by a power of two (exact) so that the Gram's squares
+// neither overflow nor underflow, and returns the factor that turns the distances computed from them
+// back into true distances.
+double rescale_rows(at::Tensor& rows, double peak);
 
 }  // namespace fedtreelora
