@@ -104,3 +104,24 @@ def test_bad_containers():
         adapters.normalise_clients([{"k": torch.ones(1)}, {"k": [1.0]}])
     with pytest.raises(ValueError, match="no LoRA layers"):
         adapters.parse_layout([{"classifier.weight": torch.ones(2)}])
+
+
+def test_finiteness_fast_path_is_exact_where_the_sum_overflows_or_cancels():
+    """all_finite is one sum: a finite float16 block whose sum overflows float16 reads as non-finite, and
+    first_nonfinite then finds nothing (no false error); a real NaN or Inf is found and named, also when
+    +Inf and -Inf would cancel into a NaN sum and when it sits next to huge finite values."""
+    layout = adapters.parse_layout([{"m.layers.0.q.lora_A.weight": torch.zeros(2, 8),
+                                     "m.layers.0.q.lora_B.weight": torch.zeros(8, 2)}])
+    big = torch.full((3, layout.n_params), 60000.0, dtype=torch.float16)     # finite; their sum is not
+    assert not adapters.all_finite(big)
+    assert adapters.first_nonfinite(big, layout) is None
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = big.clone()
+        x[2, 17] = bad
+        assert not adapters.all_finite(x)
+        message = adapters.first_nonfinite(x, layout)
+        assert "client 2" in message and layout.key_at(17) in message
+    x = torch.zeros(3, layout.n_params)
+    x[1, 3], x[1, 4] = float("inf"), float("-inf")
+    assert "client 1" in adapters.first_nonfinite(x, layout)
+    assert adapters.first_nonfinite(torch.randn(3, layout.n_params), layout) is None
