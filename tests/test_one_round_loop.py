@@ -158,3 +158,48 @@ def test_a_strategy_without_a_rule_runs_warm_up_rounds_only():
         PersonalisedStrategy(None, warmup_rounds=1).decide()
     with pytest.raises(ValueError, match="join_rounds must lie after the warm-up"):
         PersonalisedStrategy(None, warmup_rounds=2, join_rounds={3: 2})
+
+
+class VanishingGrid(InProcessGrid):
+    """Node `gone` disconnects for good after the grid's `after`-th exchange: it leaves `get_node_ids`
+    and its messages get no reply (a SuperNode that crashed)."""
+
+    def __init__(self, grid, gone, after):
+        super().__init__(grid.apps, node_configs={n: c.node_config for n, c in grid.contexts.items()})
+        self.calls, self.gone, self.after = 0, gone, after
+
+    def get_node_ids(self):
+        ids = list(super().get_node_ids())
+        return [n for n in ids if not (self.calls >= self.after and n == self.gone)]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.calls += bool(messages)
+        if self.calls > self.after:
+            messages = [m for m in messages if m.metadata.dst_node_id != self.gone]
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+@pytest.mark.timeout(300)
+def test_a_supernode_that_goes_away_fails_its_rounds_and_nobody_waits_for_it(model_path, tmp_path):
+    """On Flower the experiment draws over every client that took part, online or not: a node that
+    disconnects after the warm-up is sent its messages, recorded as failed, and the run finishes with
+    the same draws as a run where it stayed (a wait for all num_clients nodes would hang here)."""
+    from fedtreelora.flower.server_app import run_on_grid
+    cfg = tiny_config(model_path, dataset="tiny", rounds=2, client_fraction=0.75)
+    gone_client = 1
+    with in_process_server():
+        full = run_on_grid(flower_grid(cfg.num_clients), cfg, ["fedtreelora"], tmp_path / "full", round_timeout=None)
+        grid = flower_grid(cfg.num_clients)
+        gone = next(n for n, c in grid.contexts.items() if c.node_config["partition-id"] == gone_client)
+        cut = run_on_grid(VanishingGrid(grid, gone, after=2 * cfg.warmup_rounds), cfg, ["fedtreelora"],
+                          tmp_path / "cut", round_timeout=None)
+    w = cfg.warmup_rounds
+    history, reference = cut["methods"]["fedtreelora"]["history"], full["methods"]["fedtreelora"]["history"]
+    assert [h["selected"] for h in history[w:]] == [h["selected"] for h in reference[w:]]
+    for h in history[w:]:
+        assert h["accuracy"][gone_client] is None                       # not evaluated: its node is gone
+        assert gone_client in h["failed"]["evaluate"]
+        assert h["failed"]["train"] == ([gone_client] if gone_client in h["selected"] else [])
+        assert all(a is not None for k, a in enumerate(h["accuracy"]) if k != gone_client)
+    assert {f["client"] for f in cut["failures"]} == {gone_client}

@@ -14,7 +14,9 @@ in this process, `pool_nodes.pool_grid`; on Flower, the experiment's ClientApp):
 
 The experiment's schedule maps onto the Strategy's settings (`strategy_for`): `client_fraction`
 counted as round(fraction * n) (`sample_size(..., "nearest")`, what `fedtreelora simulate` has
-always selected), every client evaluated every round, `late_clients` held back until their round,
+always selected) and drawn over every client that took part, online or not (`candidates="known"`:
+a client whose SuperNode has gone fails its round and is recorded, nobody waits for it; the
+ServerApp waits for all `num_clients` nodes once, before the warm-up), every client evaluated every round, `late_clients` held back until their round,
 `rebuild_every`, the seed, the clients named by their "partition-id". Every message carries the
 experiment config (ConfigRecord "experiment"), from which a Flower ClientApp builds its pool.
 """
@@ -45,7 +47,7 @@ def strategy_for(config: ExperimentConfig, method: str | None, folder: Path, *, 
     return PersonalisedStrategy(
         None if method is None else make_method(method), warmup_rounds=config.warmup_rounds,
         fraction_train=config.client_fraction, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=0,
-        min_available_nodes=n, count="nearest", seed=config.seed, rule_config=config, client_key="partition-id",
+        min_available_nodes=n, count="nearest", candidates="known", seed=config.seed, rule_config=config, client_key="partition-id",
         group_key="group", join_rounds={k: config.warmup_rounds + config.late_round for k in range(early, n)},
         rebuild_every=config.rebuild_every, checkpoint_dir=folder, start_from=start_from, resume=resume)
 

@@ -18,7 +18,10 @@ from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+try:   # flwr releases whose Messages carry their sender's identity need the server's set in-process
+    from flwr.supercore.task_identity import TaskIdentity
+except ImportError:   # older flwr (>= 1.20): no such identity, nothing to set
+    TaskIdentity = None
 
 __all__ = ["InProcessGrid", "in_process_server"]
 
@@ -37,10 +40,11 @@ def in_process_server(quiet: bool = True) -> Iterator[None]:
     >>> with in_process_server():
     ...     pass
     """
-    saved = {name: getattr(TaskIdentity, name) for name in ("_run_id", "_task_id", "_node_id")}
+    names = ("_run_id", "_task_id", "_node_id") if TaskIdentity is not None else ()
+    saved = {name: getattr(TaskIdentity, name) for name in names}
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):   # 0: the SuperLink's node id
+    for name, value in zip(names, (1, 1, 0)):   # node 0: the SuperLink's node id
         if saved[name] is None:
             setattr(TaskIdentity, name, value)
     if quiet:

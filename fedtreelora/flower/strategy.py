@@ -81,6 +81,11 @@ class PersonalisedStrategy(Strategy):
     count : {"fedavg", "nearest"}
         How a fraction of n clients is counted (`federation.draws.sample_size`): FedAvg's
         int(fraction * n), or round(fraction * n), the count of `fedtreelora simulate`.
+    candidates : {"connected", "known"}
+        Whom a round draws from. "connected" (FedAvg's): the nodes connected now, after waiting for
+        `min_available_nodes` of them. "known": every client that has uploaded, connected or not
+        (a fixed federation, the experiment's: its draw does not depend on who is online, and a
+        client whose node has gone is sent its message and recorded as failed, never waited for).
     weighted_by_key, arrayrecord_key, external_key, configrecord_key : str
         The replies' weight metric; the messages' cluster expert, external expert and ConfigRecord.
     seed : int
@@ -125,7 +130,8 @@ class PersonalisedStrategy(Strategy):
     # pylint: disable=too-many-arguments
     def __init__(self, rule: Method | None, *, warmup_rounds: int = 2, fraction_train: float = 1.0,
                  fraction_evaluate: float = 1.0, min_train_nodes: int = 2, min_evaluate_nodes: int = 2,
-                 min_available_nodes: int = 2, count: str = "fedavg", weighted_by_key: str = "num-examples",
+                 min_available_nodes: int = 2, count: str = "fedavg", candidates: str = "connected",
+                 weighted_by_key: str = "num-examples",
                  arrayrecord_key: str = "arrays", external_key: str = "external", configrecord_key: str = "config",
                  seed: int = 0, experts_fn: ExpertsFn | None = None, rule_config=None, client_key: str | None = None,
                  group_key: str | None = None, join_rounds: Mapping[int, int] | None = None, rebuild_every: int = 0,
@@ -143,6 +149,8 @@ class PersonalisedStrategy(Strategy):
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if count not in ("fedavg", "nearest"):
             raise ValueError(f'count must be "fedavg" or "nearest", got {count!r}')
+        if candidates not in ("connected", "known"):
+            raise ValueError(f'candidates must be "connected" or "known", got {candidates!r}')
         keys = {"arrayrecord_key": arrayrecord_key, "external_key": external_key, "configrecord_key": configrecord_key,
                 "weighted_by_key": weighted_by_key}
         for name, value in keys.items():
@@ -167,6 +175,7 @@ class PersonalisedStrategy(Strategy):
         self.min_evaluate_nodes = 0 if self.fraction_evaluate == 0.0 else min_evaluate_nodes
         self.min_available_nodes = min_available_nodes
         self.count = count
+        self.candidates = candidates
         self.weighted_by_key = weighted_by_key
         self.arrayrecord_key = arrayrecord_key
         self.external_key = external_key
@@ -368,9 +377,8 @@ class PersonalisedStrategy(Strategy):
         self.rounds[server_round] = {}
         self._t0 = time.perf_counter()
         if server_round <= self.warmup_rounds:
-            available = len(list(grid.get_node_ids()))
-            node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(available, self.min_train_nodes))
-            clients = sorted(self._client_of(node) for node in node_ids)
+            clients = sorted(set(map(self._client_of, self._connected(grid, self.min_train_nodes)))
+                             | (set(self.clients) if self.candidates == "known" else set()))
         else:
             if not self.decided:       # this run continues a warm-up committed without the rule
                 self.decide(server_round - 1)
@@ -612,11 +620,20 @@ class PersonalisedStrategy(Strategy):
         (seed, round) over the sorted ids of the clients taking part."""
         if fraction == 0.0:
             return []
-        size = max(sample_size(fraction, len(list(grid.get_node_ids())), self.count), minimum)
-        _, connected = sample_nodes(grid, self.min_available_nodes, size)   # waits until enough are connected
-        candidates = sorted(c for c in map(self._client_of, connected) if not self._held_back(c, server_round))
+        pool = (self.clients if self.candidates == "known" else
+                map(self._client_of, self._connected(grid, max(sample_size(fraction, len(list(grid.get_node_ids())),
+                                                                           self.count), minimum))))
+        candidates = sorted(c for c in pool if not self._held_back(c, server_round))
         size = min(max(sample_size(fraction, len(candidates), self.count), minimum), len(candidates))
         return draw_clients(self.seed, server_round - 1, candidates, size, stream)
+
+    def _connected(self, grid: Grid, wanted: int) -> list[int]:
+        """The connected node ids: with "connected" candidates after FedAvg's wait for enough of them
+        (`min_available_nodes`, and `wanted`); with "known" ones as they are now, never waited for."""
+        if self.candidates == "known":
+            return list(grid.get_node_ids())
+        _, connected = sample_nodes(grid, self.min_available_nodes, wanted)
+        return list(connected)
 
     def _start_state(self, client: int, server_round: int, kind: str) -> tuple[StateDict, StateDict | None]:
         if server_round <= self.warmup_rounds:                   # warm-up: its own last upload, or initial_arrays
