@@ -15,7 +15,7 @@ pytest.importorskip("flwr")
 from flwr.serverapp.strategy import Strategy  # noqa: E402
 
 from fedtreelora.federation.methods import METHODS  # noqa: E402
-from fedtreelora.federation.schedule import RunFolderError, load_checkpoint, run_experiment  # noqa: E402
+from fedtreelora.federation.schedule import CheckpointError, RunFolderError, load_checkpoint, run_experiment  # noqa: E402
 from fedtreelora.flower import InProcessGrid  # noqa: E402
 from fedtreelora.flower.local_grid import in_process_server  # noqa: E402
 from fedtreelora.flower.strategy import PersonalisedStrategy  # noqa: E402
@@ -203,3 +203,24 @@ def test_a_supernode_that_goes_away_fails_its_rounds_and_nobody_waits_for_it(mod
         assert h["failed"]["train"] == ([gone_client] if gone_client in h["selected"] else [])
         assert all(a is not None for k, a in enumerate(h["accuracy"]) if k != gone_client)
     assert {f["client"] for f in cut["failures"]} == {gone_client}
+
+
+def test_run_folders_of_the_earlier_layout_are_refused_with_a_clear_message(model_path, tmp_path):
+    """A run folder whose commits predate the one round loop (no "format" in state.json) is refused on
+    resume before any model or data is loaded, saying what to do; load_checkpoint still reads it (the
+    diagnostics do), and refuses a drop-in run's checkpoint, whose clients are Flower node ids."""
+    from fedtreelora.federation.checkpoints import commit_tensors
+    from fedtreelora.federation.schedule import check_run_folder
+    cfg = tiny_config(model_path, dataset="tiny")
+    check_run_folder(tmp_path / "old", cfg)
+    commit_tensors(tmp_path / "old" / "checkpoints" / "warmup", 2, {"0/adapter/k": torch.ones(2)},
+                   {"round": 2, "history": [], "num_clients": 1})
+    with pytest.raises(RunFolderError, match="earlier fedtreelora.*cannot be resumed.*--overwrite"):
+        run_experiment(cfg, ["local"], tmp_path / "old", dataset=None, resume=True, progress=False)
+    info, states = load_checkpoint(tmp_path / "old" / "checkpoints" / "warmup")
+    assert info["round"] == 2 and torch.equal(states[0].adapter["k"], torch.ones(2))
+    node = 6392048271935301217
+    commit_tensors(tmp_path / "dropin", 3, {f"{node}/adapter/k": torch.ones(2)},
+                   {"format": "fedtreelora.flower.PersonalisedStrategy/2", "clients": [node], "nodes": {}})
+    with pytest.raises(CheckpointError, match="Flower node id"):
+        load_checkpoint(tmp_path / "dropin")

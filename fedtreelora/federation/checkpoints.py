@@ -20,7 +20,8 @@ from pathlib import Path
 from ..client.trainer import ClientState
 from ..core.files import atomic_write_text
 
-__all__ = ["load_checkpoint", "commit_tensors", "load_tensors", "write_json", "CheckpointError", "RunFolderError"]
+__all__ = ["load_checkpoint", "commit_tensors", "load_tensors", "write_json", "earlier_layout", "EARLIER_LAYOUT",
+           "CheckpointError", "RunFolderError"]
 
 
 def write_json(path: Path, value) -> None:
@@ -68,6 +69,23 @@ def commit_tensors(folder: Path, round_: int, tensors: dict, info: dict) -> None
             old.unlink()
 
 
+def earlier_layout(folder: Path) -> bool:
+    """Whether `folder` holds a commit of fedtreelora's earlier checkpoint layout (before every run went
+    through one Flower Strategy: no "format" in its state.json), which cannot be resumed."""
+    path = Path(folder) / "state.json"
+    if not path.is_file():
+        return False
+    try:
+        return "format" not in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False   # torn or corrupt: load_tensors says so
+
+
+EARLIER_LAYOUT = ("was written by an earlier fedtreelora (before every round ran through one Flower Strategy) "
+                  "and cannot be resumed by this version: finish it with that version, or start it over "
+                  "(--overwrite) or in another run folder")
+
+
 class RunFolderError(ValueError):
     """A run folder that holds another run (other settings, or a run not asked to be resumed)."""
 
@@ -105,13 +123,17 @@ def load_tensors(folder: Path) -> tuple[dict, dict] | None:
 
 
 def load_checkpoint(folder: Path) -> tuple[dict, list[ClientState | None]] | None:
-    """The last committed round of `folder`: (info, every client's latest upload and mixing logits,
-    indexed by client, None for a client without one); None if nothing was committed yet. Errors
-    as `load_tensors`."""
+    """The last committed round of an experiment's `folder` (clients numbered 0..N-1): (info, every
+    client's latest upload and mixing logits, indexed by client, None for a client without one);
+    None if nothing was committed yet. Errors as `load_tensors`; a drop-in `FedTreeLoRA` run, whose
+    clients are Flower node ids, is a CheckpointError that says how to read it."""
     loaded = load_tensors(folder)
     if loaded is None:
         return None
     info, tensors = loaded
+    if info.get("format") and not info.get("nodes") and info.get("clients"):
+        raise CheckpointError(f"checkpoint {folder} names its clients by Flower node id (a drop-in FedTreeLoRA run), "
+                              "not 0..N-1: read it with load_tensors, or resume the strategy and call experts(node_id)")
     states: dict[int, ClientState] = {}
     try:
         for key, v in tensors.items():

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..client.trainer import ClientState
-from .checkpoints import CheckpointError, RunFolderError, load_checkpoint, write_json
+from .checkpoints import EARLIER_LAYOUT, CheckpointError, RunFolderError, earlier_layout, load_checkpoint, write_json
 from .config import ExperimentConfig
 from .data import TextDataset, load_dataset_for
 from .draws import derived_seed, draw_clients, sample_size
@@ -139,6 +139,8 @@ def check_run_folder(run_dir: Path, config: ExperimentConfig, resume: bool = Fal
             diff = sorted(k for k in saved if saved.get(k) != config.to_dict().get(k))
             raise RunFolderError(f"run folder {run_dir} holds a run with another config (differs in {diff}); "
                                  "use another --run-dir, the same settings, or --overwrite")
+    if resume and checkpoints.is_dir() and any(earlier_layout(f) for f in checkpoints.iterdir()):
+        raise RunFolderError(f"run folder {run_dir} {EARLIER_LAYOUT}")   # before the model and data are loaded
     if checkpoints.exists() and not resume:
         if not fresh:
             raise RunFolderError(f"run folder {run_dir} already holds a run; resume it (--resume) or start it "

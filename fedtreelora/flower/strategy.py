@@ -48,7 +48,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
 
-from ..federation.checkpoints import CheckpointError, RunFolderError, commit_tensors, load_tensors, write_json
+from ..federation.checkpoints import (EARLIER_LAYOUT, CheckpointError, RunFolderError, commit_tensors, load_tensors,
+                                      write_json)
 from ..federation.draws import EVALUATE_DRAW, TRAIN_DRAW, draw_clients, sample_size
 from ..federation.methods import Method
 from .arrays import DTYPE_RECORD, from_arrayrecord, read_dtypes, to_arrayrecord
@@ -338,6 +339,8 @@ class PersonalisedStrategy(Strategy):
 
     def _checkpoint(self, folder: Path | None) -> tuple[dict, dict] | None:
         loaded = None if folder is None else load_tensors(folder)
+        if loaded is not None and "format" not in loaded[0]:
+            raise RunFolderError(f"{folder} {EARLIER_LAYOUT}")
         if loaded is not None and loaded[0].get("format") != CHECKPOINT_FORMAT:
             raise RunFolderError(f"{folder} holds a checkpoint of another kind (format {loaded[0].get('format')!r}, "
                                  f"expected {CHECKPOINT_FORMAT!r}); use another run_dir")
