@@ -22,7 +22,7 @@ import torch
 def main(argv=None) -> int:
     from sklearn.metrics import adjusted_rand_score
 
-    from fedtreelora.core import TreeConfig, build_tree, client_distances, ops
+    from fedtreelora.core import TreeConfig, build_tree, choose_cuts, client_distances, ops
     from fedtreelora.federation.checkpoints import load_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,13 +65,11 @@ def main(argv=None) -> int:
         cut = "" if l == "mean" else int(tree.n_clusters[l])
         ari = "" if l == "mean" else f"{adjusted_rand_score(groups, tree.labels[l].numpy()):.2f}"
         print(f"{l:>5} {sil(d, groups):>11.3f} {sup:>10.3f} {ratio(d, groups):>14.3f} {cut!s:>4} {ari:>15}")
-    counts = torch.arange(2, min(9, len(adapters)), dtype=torch.int64)
-    if len(counts):
-        cuts = ops.cut_tree(tree.linkage, counts)
-        scores = ops.silhouette(mean.float()[None], cuts[None])[0].tolist()
-        best = int(counts[max(range(len(scores)), key=lambda i: (scores[i], -i))])
-        print("flat (mean distance): " + ", ".join(f"{int(c)}: {s:.3f}" for c, s in zip(counts, scores))
-              + f" -> {best} clusters, ARI {adjusted_rand_score(groups, cuts[best - 2].numpy()):.2f}")
+    if len(adapters) > 2:   # flat's own rule (methods.FlatClusters): the best-silhouette cut, any count >= 2
+        _, flat, scores = choose_cuts(mean[None], tree.linkage, window=None, tau=None)
+        shown = ", ".join(f"{c}: {v:.3f}" for c, v in sorted(scores[0].items()) if c <= 8)
+        print(f"flat (mean distance): {shown}{', ...' if len(scores[0]) > 7 else ''} -> "
+              f"{len(set(flat[0].tolist()))} clusters, ARI {adjusted_rand_score(groups, flat[0].numpy()):.2f}")
     return 0
 
 

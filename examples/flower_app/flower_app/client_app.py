@@ -20,7 +20,7 @@ def train(msg: Message, context: Context) -> Message:
     rc = context.run_config
     lam = list(mixer.parameters())             # lam's logits at their own, higher rate (Adam moves a logit ~lr a step)
     lora = [p for p in model.parameters() if all(p is not q for q in lam)]
-    optimizer = torch.optim.AdamW([{"params": lora}, {"params": lam, "lr": float(rc["train.mixing-learning-rate"])}],
+    optimizer = torch.optim.AdamW([{"params": lora}, {"params": lam, "lr": float(rc.get("train.mixing-learning-rate", 0.2))}],
                                   lr=float(rc["train.learning-rate"]))
     model.train()
     losses = []
