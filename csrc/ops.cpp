@@ -15,4 +15,9 @@ TORCH_LIBRARY(fedtreelora, m) {
   // x [N,P], layer_offsets int64 [L+1], labels int64 [L,N] in [0,n_clusters), weights [N] > 0
   // weights float64 (the wrapper converts) -> (cluster_mean [n_clusters,P], external_mean [n_clusters,P]) in x's dtype.
   m.def("tree_reduce(Tensor x, Tensor layer_offsets, Tensor labels, Tensor weights, int n_clusters) -> (Tensor, Tensor)");
+  // Gathers many tensors into the columns of one buffer: out [N, W] (columns unit-stride, rows may be a
+  // view of a wider buffer), parts key-major: parts[j * N + i] is key j of client i (row i), contiguous,
+  // out's dtype and device, with key j's width w_j = parts[j * N].numel() for every client; key j fills
+  // columns sum(w_<j) : sum(w_<=j), and the w_j sum to W. No part may overlap out. Writes only out.
+  m.def("pack_rows(Tensor[] parts, Tensor(a!) out) -> ()");
 }

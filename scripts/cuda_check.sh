@@ -4,7 +4,7 @@
 #      OUTSIDE the clone (~/.cache/fedtreelora/cuda-venv-<key of the torch pin, the deps and Python>),
 #      created under a flock so that two clones running this at once build it once;
 #   2. every csrc/cuda/*.cu compiled on its own for sm_80 and sm_90, warnings as errors;
-#   3. the full JIT build through fedtreelora/core/build.py with CUDA forced on, a check that all five
+#   3. the full JIT build through fedtreelora/core/build.py with CUDA forced on, a check that all six
 #      ops have a CUDA kernel registered, and the CPU tests of the native ops run against that build.
 # Skips (exit 0, saying SKIPPED) where nvcc is missing. Usage: cuda_check.sh [--venv-only] (step 1 only:
 # warm the cache on a new machine). Environment knobs:
@@ -194,7 +194,7 @@ fedtreelora.native_available()
 info = build.native_info()
 assert info["native"], info
 assert build.build_plan().with_cuda, "the build plan left the CUDA sources out"
-ops_names = ("layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce")
+ops_names = ("layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce", "pack_rows")
 missing = [op for op in ops_names if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fedtreelora::{op}", "CUDA")]
 print("cuda-check: built", info["library"])
 for op in ops_names:
@@ -204,12 +204,12 @@ if missing:
 PY
 # The suites that exercise the native library (the ops, and the tree and aggregate built on them);
 # the federated and Flower suites train models and gain nothing from another build.
-CUDA_CHECK_TESTS=${CUDA_CHECK_TESTS:-"tests/test_build.py tests/test_compile.py tests/test_fuzz_ops.py tests/test_layer_distances.py tests/test_linkage.py tests/test_cut_tree.py tests/test_silhouette.py tests/test_tree_reduce.py tests/test_tree.py tests/test_aggregate.py"}
+CUDA_CHECK_TESTS=${CUDA_CHECK_TESTS:-"tests/test_build.py tests/test_compile.py tests/test_fuzz_ops.py tests/test_layer_distances.py tests/test_linkage.py tests/test_cut_tree.py tests/test_silhouette.py tests/test_tree_reduce.py tests/test_pack_rows.py tests/test_tree.py tests/test_aggregate.py"}
 if [ "$CUDA_CHECK_TESTS" = none ]; then
-  say "OK: ${compiled} .cu file(s) warning-free under nvcc, CUDA build loads with all 5 ops registered for CUDA; CPU tests not run (CUDA_CHECK_TESTS=none) (torch $TORCH_VERSION, nvcc $CUDA_VERSION)"
+  say "OK: ${compiled} .cu file(s) warning-free under nvcc, CUDA build loads with all 6 ops registered for CUDA; CPU tests not run (CUDA_CHECK_TESTS=none) (torch $TORCH_VERSION, nvcc $CUDA_VERSION)"
   exit 0
 fi
 say "CPU tests of the native ops against the CUDA build"
 # shellcheck disable=SC2086
 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider ${PYTEST_ARGS:-} $CUDA_CHECK_TESTS
-say "OK: ${compiled} .cu file(s) warning-free under nvcc, CUDA build loads with all 5 ops registered for CUDA, CPU tests pass on it (torch $TORCH_VERSION, nvcc $CUDA_VERSION)"
+say "OK: ${compiled} .cu file(s) warning-free under nvcc, CUDA build loads with all 6 ops registered for CUDA, CPU tests pass on it (torch $TORCH_VERSION, nvcc $CUDA_VERSION)"

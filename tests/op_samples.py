@@ -4,9 +4,11 @@ compares with the CPU kernel. Every sample is valid input; edge sizes N = 1, 2, 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-OPS = ("layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce")
+OPS = ("layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce", "pack_rows")
 
 
 def _rows(n: int, widths, dtype=torch.float32, seed: int = 0, device="cpu"):
@@ -63,5 +65,15 @@ def sample_inputs(op: str, device="cpu") -> list[tuple]:
             labels = torch.randint(0, c, (len(widths), n), generator=gen).to(dev)
             weights = (torch.rand(n, generator=gen, dtype=torch.float64) * 9 + 1).to(dev)
             out.append((x, off, labels, weights, c))
+        return out
+    if op == "pack_rows":  # (parts, out): out is written in place; compare it after the call
+        out = []
+        for n, shapes, dtype, spare in ((1, [(3,)], torch.float32, 0), (2, [(2, 3), (4,), ()], torch.float64, 0),
+                                        (3, [(5,), (0,), (1, 2)], torch.float16, 3), (7, [(4, 4), (3,)], torch.bfloat16, 5)):
+            gen = torch.Generator().manual_seed(n)
+            parts = [torch.randn(shape, generator=gen).to(dtype).to(dev) for shape in shapes for _ in range(n)]
+            width = sum(math.prod(shape) for shape in shapes)
+            buffer = torch.zeros(n, width + spare, dtype=dtype, device=dev)  # spare > 0: out's rows strided
+            out.append((parts, buffer[:, :width]))
         return out
     raise KeyError(op)

@@ -94,7 +94,7 @@ def test_native_core_is_loaded_with_every_op():
     import fedtreelora
 
     assert fedtreelora.native_available(), _build.native_info()
-    for op in ("layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce"):
+    for op in ("layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce", "pack_rows"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fedtreelora::{op}", "CPU"), op
 
 

@@ -34,7 +34,7 @@ def test_compiled_pipeline_matches_eager():
     torch.testing.assert_close(expected[0], z_ref)
 
 
-@pytest.mark.parametrize("name", ["layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce"])
+@pytest.mark.parametrize("name", ["layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce", "pack_rows"])
 def test_fake_kernels_registered_and_consistent(name):
     """opcheck: schema, fake kernel and real kernel agree (shapes, dtypes, no aliasing or mutation)."""
     torch.manual_seed(1)
@@ -48,11 +48,12 @@ def test_fake_kernels_registered_and_consistent(name):
         "cut_tree": (z, torch.tensor([1, 3, 6])),
         "silhouette": (d.float()[None], torch.tensor([[[0, 0, 1, 1, 2, 2]]])),
         "tree_reduce": (x, offsets, torch.tensor([[0, 0, 0, 1, 1, 1], [0, 1, 2, 0, 1, 2]]), torch.rand(6, dtype=torch.float64) + 1, 3),
+        "pack_rows": ([x[i, :4].clone() for i in range(6)] + [x[i, 4:].clone() for i in range(6)], torch.empty(6, 10)),
     }[name]
     torch.library.opcheck(getattr(torch.ops.fedtreelora, name), args)
 
 
-@pytest.mark.parametrize("name", ["layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce"])
+@pytest.mark.parametrize("name", ["layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce", "pack_rows"])
 def test_opcheck_on_every_sample_input(name):
     """opcheck over the shared samples (tests/op_samples.py), which tests/cuda also runs on the device."""
     from op_samples import sample_inputs
@@ -62,3 +63,14 @@ def test_opcheck_on_every_sample_input(name):
         if name == "silhouette" and bool(out.isnan().any()):
             continue  # opcheck compares with NaN != NaN; those samples run in tests/cuda (equal_nan there)
         torch.library.opcheck(op, args)
+
+
+def test_compiled_pack_rows_writes_its_out():
+    """pack_rows mutates out (Tensor(a!)): traced through its fake kernel, functionalised, same bits."""
+    def gather(a, b):
+        out = torch.empty(2, 5)
+        ops.pack_rows([a[0], a[1], b[0], b[1]], out)
+        return out * 2
+
+    a, b = torch.randn(2, 3), torch.randn(2, 2)
+    assert torch.equal(torch.compile(gather, fullgraph=True)(a, b), gather(a, b))

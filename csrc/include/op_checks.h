@@ -59,4 +59,55 @@ inline std::vector<int64_t> check_tree_reduce_args(const at::Tensor& x, const at
   return std::vector<int64_t>(off.data_ptr<int64_t>(), off.data_ptr<int64_t>() + n_layers + 1);
 }
 
+// pack_rows: out [N, W] with unit column stride and rows that do not overlap, parts key-major
+// (parts[j * N + i]: key j of client i), each contiguous, of out's dtype and device, key j's width
+// the same for every client, the widths summing to W, no part overlapping out's span. Returns the
+// first column of every key (K + 1 entries, the last W). Reads no values: one pass over the parts'
+// metadata, naming the part, key and client at fault. `backend`: the device type of the kernel
+// calling (the dispatcher picks it when any tensor is on that device).
+inline std::vector<int64_t> check_pack_rows_args(at::TensorList parts, const at::Tensor& out, at::DeviceType backend) {
+  TORCH_CHECK_VALUE(out.dim() == 2, "pack_rows: out must be [N, W], got ", out.sizes());
+  const int64_t n = out.size(0), w = out.size(1);
+  TORCH_CHECK_VALUE(n >= 1, "pack_rows: out must have at least one row, got ", out.sizes());
+  TORCH_CHECK_VALUE(w <= 1 || out.stride(1) == 1, "pack_rows: out's columns must be unit-stride, got strides ",
+                    out.strides());
+  TORCH_CHECK_VALUE(n == 1 || w == 0 || out.stride(0) >= w, "pack_rows: out's rows overlap (row stride ", out.stride(0),
+                    " < W=", w, ")");
+  const int64_t count = static_cast<int64_t>(parts.size());
+  TORCH_CHECK_VALUE(count % n == 0, "pack_rows: got ", count, " parts, not a multiple of N=", n,
+                    " (out's rows): parts[j * N + i] must be key j of client i");
+  const int64_t n_keys = count / n;
+  // out's span in bytes, first row's start to last row's end: a part inside it could be overwritten
+  // before it is read.
+  const auto* out_begin = static_cast<const char*>(out.const_data_ptr());
+  const auto* out_end = w > 0 ? out_begin + ((n - 1) * out.stride(0) + w) * out.element_size() : out_begin;
+  std::vector<int64_t> cols(n_keys + 1, 0);
+  for (int64_t j = 0; j < n_keys; ++j) {
+    const int64_t width = parts[j * n].numel();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t idx = j * n + i;
+      const at::Tensor& p = parts[idx];
+      TORCH_CHECK_TYPE(p.scalar_type() == out.scalar_type(), "pack_rows: parts[", idx, "] (key ", j, ", client ", i,
+                       ") is ", p.scalar_type(), " but out is ", out.scalar_type());
+      TORCH_CHECK_VALUE(p.device() == out.device(), "pack_rows: parts[", idx, "] (key ", j, ", client ", i, ") is on ",
+                        p.device(), " but out is on ", out.device());
+      TORCH_CHECK_VALUE(p.is_contiguous(), "pack_rows: parts[", idx, "] (key ", j, ", client ", i,
+                        ") is not contiguous (strides ", p.strides(), ")");
+      TORCH_CHECK_VALUE(p.numel() == width, "pack_rows: parts[", idx, "] (key ", j, ", client ", i, ") has ", p.numel(),
+                        " elements but key ", j, " has ", width, " (client 0's, parts[", j * n, "])");
+      if (width > 0 && w > 0) {
+        const auto* begin = static_cast<const char*>(p.const_data_ptr());
+        TORCH_CHECK_VALUE(begin + width * p.element_size() <= out_begin || begin >= out_end, "pack_rows: parts[", idx,
+                          "] (key ", j, ", client ", i, ") overlaps out");
+      }
+    }
+    cols[j + 1] = cols[j] + width;
+  }
+  TORCH_CHECK_VALUE(cols[n_keys] == w, "pack_rows: the ", n_keys, " keys' widths sum to ", cols[n_keys],
+                    " but out has W=", w, " columns");
+  // After the parts' devices, so that a part on another device is what the message names.
+  TORCH_CHECK_VALUE(out.device().type() == backend, "pack_rows: out must be on ", backend, " here, got ", out.device());
+  return cols;
+}
+
 }  // namespace fedtreelora

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops import nonfinite_entry
+from .ops import nonfinite_entry, pack_rows
 
 __all__ = ["AdapterLayout", "parse_layout", "normalise_clients", "pack", "unpack_row", "key_view",
            "is_b_factor", "first_nonfinite", "all_finite", "segment_norms"]
@@ -238,11 +238,18 @@ def parse_layout(states: list[Mapping[str, torch.Tensor]], names: list[str] | No
 def pack(states: list[Mapping[str, torch.Tensor]], layout: AdapterLayout) -> torch.Tensor:
     """x [N, P] in layout.dtype on the clients' device: row k = client k's tensors, flattened, in layout order.
 
-    One copy per client (torch.cat into the row); the inputs are only read.
+    One copy of the inputs: `ops.pack_rows` (a memcpy per tensor, in parallel) when every tensor is
+    contiguous and already in layout.dtype, else a torch.cat per client into its row. The inputs are
+    only read.
     """
     device = states[0][layout.keys[0]].device
     x = torch.empty(len(states), layout.n_params, dtype=layout.dtype, device=device)
     same_dtype = all(dt == layout.dtype for dt in layout.dtypes)
+    if same_dtype:  # the clients' dtypes and device agree with the layout's (parse_layout checks them)
+        parts = [s[key] for key in layout.keys for s in states]
+        if all(map(torch.Tensor.is_contiguous, parts)):
+            pack_rows(parts, x)
+            return x
     for k, s in enumerate(states):
         parts = [s[key].reshape(-1) for key in layout.keys]
         if not same_dtype:

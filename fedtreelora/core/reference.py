@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce"]
+__all__ = ["layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce", "pack_rows"]
 
 
 def layer_distances(x: torch.Tensor, layer_offsets: torch.Tensor, metric: str = "frobenius"):
@@ -123,3 +123,13 @@ def tree_reduce(x: torch.Tensor, layer_offsets: torch.Tensor, labels: torch.Tens
                 wo = w[~inside]
                 external[c, lo:hi] = (wo[:, None] * xd[~inside, lo:hi]).sum(0) / wo.sum()
     return cluster.to(device=x.device, dtype=x.dtype), external.to(device=x.device, dtype=x.dtype)
+
+
+def pack_rows(parts, out: torch.Tensor) -> None:
+    """out[i, cols of key j] = parts[j * N + i].flatten(), N = out.shape[0]: a torch.stack per key."""
+    n = out.shape[0]
+    col = 0
+    for j in range(len(parts) // n):
+        width = parts[j * n].numel()
+        out[:, col:col + width] = torch.stack([p.reshape(-1) for p in parts[j * n:(j + 1) * n]])
+        col += width

@@ -3,13 +3,15 @@
 The CPU ops are checked against scipy/sklearn/float64 references in tests/; here the CPU op is the
 reference for the CUDA one. Inputs are drawn on the CPU and copied, so both sides see the same values.
 """
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 import fedtreelora.ops as ops
 
-OPS = ("layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce")
+OPS = ("layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce", "pack_rows")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 FUZZ = settings(max_examples=25, deadline=None)
 
@@ -197,6 +199,33 @@ def test_tree_reduce_large_and_strided(cuda, dtype):
     torch.testing.assert_close(got.cpu()[0, :4096], want[0, :4096], rtol=_REDUCE_TOL[dtype][0], atol=_REDUCE_TOL[dtype][1])
 
 
+# ------------------------------------------------------------------------------------------- pack_rows
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64) + HALF_DTYPES)
+@pytest.mark.parametrize("n", [1, 3, 200])
+def test_pack_rows_matches_cpu(cuda, n, dtype):
+    """Every client's keys into its row of a row-strided out on the device: the CPU op's bits; the
+    parts untouched, and nothing written outside out."""
+    gen = torch.Generator().manual_seed(n)
+    shapes = [(4, 64), (64, 4), (), (0,), (7,)]
+    parts = [torch.randn(shape, generator=gen).to(dtype) for shape in shapes for _ in range(n)]
+    width = sum(math.prod(shape) for shape in shapes)
+    want = torch.zeros(n, width, dtype=dtype)
+    ops.pack_rows(parts, want)
+    dev_parts = [p.to(cuda) for p in parts]
+    buffer = torch.full((n, width + 3), 7.0, dtype=dtype, device=cuda)
+    ops.pack_rows(dev_parts, buffer[:, :width])
+    assert torch.equal(buffer[:, :width].cpu(), want) and bool((buffer[:, width:] == 7).all())
+    assert all(torch.equal(d.cpu(), p) for d, p in zip(dev_parts, parts))
+
+
+def test_pack_rows_refuses_a_part_on_another_device(cuda):
+    parts = [torch.ones(3, device=cuda), torch.ones(3)]
+    with pytest.raises(ValueError, match=r"parts\[1\] \(key 0, client 1\) is on cpu but out is on cuda"):
+        ops.pack_rows(parts, torch.zeros(2, 3, device=cuda))
+    with pytest.raises(ValueError, match=r"parts\[0\] \(key 0, client 0\) is on cuda:\d but out is on cpu"):
+        ops.pack_rows(parts, torch.zeros(2, 3))
+
+
 # ----------------------------------------------------------------------------------- devices and errors
 def test_mixed_devices_are_refused(cuda):
     x, offsets = _rows(5, [3, 4])
@@ -259,7 +288,9 @@ def test_every_sample_matches_cpu_and_passes_opcheck(cuda, op):
     kernel = getattr(torch.ops.fedtreelora, op)
     for dev_args, cpu_args in zip(sample_inputs(op, cuda), sample_inputs(op, "cpu")):
         got, want = kernel(*dev_args), kernel(*cpu_args)
-        if op == "tree_reduce":  # rows of labels absent from a layer are unspecified: compare the present ones
+        if op == "pack_rows":  # writes its out argument: the same bits on both sides
+            assert torch.equal(dev_args[1].cpu(), cpu_args[1])
+        elif op == "tree_reduce":  # rows of labels absent from a layer are unspecified: compare the present ones
             x, off, labels = cpu_args[:3]
             bounds = off.tolist()
             for l in range(labels.shape[0]):
