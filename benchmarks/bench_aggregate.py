@@ -120,6 +120,17 @@ def copy_inputs(states):
     return [{k: v.clone() for k, v in s.items()} for s in states]
 
 
+def input_bytes(states) -> int:
+    return sum(v.numel() * v.element_size() for s in states for v in s.values())
+
+
+def copy_bytes(src, dst):
+    """The physical bound under the floor: the same bytes copied as one contiguous tensor into memory
+    already faulted in (no per-tensor allocation or dispatch, no page faults), which nothing that reads
+    96,000 separate tensors can beat."""
+    return dst.copy_(src)
+
+
 def timed(fn, repeats):
     times, out = [], None
     for _ in range(repeats):
@@ -156,6 +167,10 @@ def main(argv=None):
     t_agg, res = timed(lambda: ftl.aggregate(states, weights=weights, tree=tree), args.repeats)
     t_plain_agg, (plain_cluster, _) = timed(lambda: plain_aggregate(states, keys, tree.labels, weights), args.repeats)
     t_copy, _ = timed(lambda: copy_inputs(states), args.repeats)
+    n_bytes = input_bytes(states)
+    flat, flat_dst = torch.ones(n_bytes // 4, dtype=torch.float32), torch.zeros(n_bytes // 4, dtype=torch.float32)
+    t_memcpy, _ = timed(lambda: copy_bytes(flat, flat_dst), args.repeats)
+    del flat, flat_dst
     err = max(float((res.cluster_states[i][k] - plain_cluster[i][k]).abs().max())
               for i in (0, args.clients - 1) for k, _, _ in keys)
 
@@ -172,7 +187,11 @@ def main(argv=None):
         {"step": "aggregate (stored tree)", "ours_s": t_agg, "plain_s": t_plain_agg, "speedup": t_plain_agg / t_agg,
          "peer": "PyTorch loop over keys and clusters", "floor": "one copy of the inputs", "floor_s": t_copy,
          "vs_floor": t_agg / t_copy, "target": ">= 5x the loop, <= 2x the floor",
-         "met": t_plain_agg / t_agg >= 5 and t_agg / t_copy <= 2, "notes": f"max |ours - loop| = {err:.1e}"},
+         "met": t_plain_agg / t_agg >= 5 and t_agg / t_copy <= 2, "memcpy_s": t_memcpy, "input_bytes": n_bytes,
+         "notes": f"max |ours - loop| = {err:.1e}; the same {n_bytes / 1e9:.2f} GB copied as one contiguous tensor into warm memory: "
+                  f"{t_memcpy:.3f}s ({n_bytes / t_memcpy / 1e9:.1f} GB/s), ours {t_agg / t_memcpy:.2f}x that "
+                  f"(aggregate reads the inputs once into blocks of rows, then reads each block once more in tree_reduce "
+                  f"and writes the experts)"},
     ]
     size = f"N={args.clients}, L={args.layers}, d={args.hidden}, r={args.rank}"
     lines = ["| step | size | ours (s) | plain stack | plain (s) | ours faster by | floor | floor (s) | ours / floor | target | met |",

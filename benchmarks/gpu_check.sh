@@ -117,14 +117,14 @@ else
     "$NSYS" stats --report gpukernsum --format csv "$RES/aggregate.nsys-rep" > "$RES/kern_sum.csv"
   cat "$RES/nvtx_sum.csv" "$RES/kern_sum.csv"
   missing=()
-  for op in layer_distances linkage cut_tree silhouette tree_reduce; do
+  for op in layer_distances linkage cut_tree silhouette tree_reduce pack_rows; do
     grep -q "fedtreelora::$op" "$RES/nvtx_sum.csv" || missing+=("NVTX range fedtreelora::$op")
   done
   for kernel in "${KERNELS[@]}"; do
     grep -q "$kernel" "$RES/kern_sum.csv" || missing+=("kernel $kernel")
   done
   if [ ${#missing[@]} -eq 0 ]; then
-    record "profile" "ok: all five fedtreelora::* NVTX ranges in nvtx_sum, ${#KERNELS[@]} fedtreelora kernels in cuda_gpu_kern_sum"
+    record "profile" "ok: all six fedtreelora::* NVTX ranges in nvtx_sum, ${#KERNELS[@]} fedtreelora kernels in cuda_gpu_kern_sum"
   else
     record "profile" "FAILED: not in the profile: ${missing[*]}"
   fi

@@ -4,7 +4,8 @@
 
 For every layer: the silhouette of the planted groups (and super-groups, when the run has them)
 under that layer's B distances, the between/within-group distance ratio, the cut the tree chose and
-its ARI against the groups; then the same for the mean distance the tree is built on, and what flat
+its ARI against the groups; then the same for the mean distance the tree is built on, and for the
+classifier head (which the tree does not read; it follows the deepest layer's cut), and what flat
 clustering (one partition for all layers: the best-silhouette cut of the same tree under the mean
 distance) would choose: the mean-distance silhouette of every cut into 2..8 clusters. Reads
 config.json and checkpoints/warmup/ of the run; trains nothing (a calibration on training data).
@@ -65,6 +66,15 @@ def main(argv=None) -> int:
         cut = "" if l == "mean" else int(tree.n_clusters[l])
         ari = "" if l == "mean" else f"{adjusted_rand_score(groups, tree.labels[l].numpy()):.2f}"
         print(f"{l:>5} {sil(d, groups):>11.3f} {sup:>10.3f} {ratio(d, groups):>14.3f} {cut!s:>4} {ari:>15}")
+    head_keys = [k for k in adapters[0] if "lora_" not in k]   # the classifier head (modules_to_save), if any
+    if head_keys:
+        # The tree reads B factors only; the head follows the deepest layer's cut. Its own distance shows
+        # how much of the groups' difference the warm-up left in the head rather than in the B factors.
+        h = torch.stack([torch.cat([a[k].reshape(-1).double() for k in head_keys]) for a in adapters])
+        dh = torch.cdist(h, h).fill_diagonal_(0.0)
+        sup = sil(dh, groups // per_super) if per_super else float("nan")
+        print(f"{'head':>5} {sil(dh, groups):>11.3f} {sup:>10.3f} {ratio(dh, groups):>14.3f}"
+              f" {'':>4} {'':>15}   (not read by the tree: {', '.join(k.rsplit('.', 2)[-2] + '.' + k.rsplit('.', 1)[-1] for k in head_keys)})")
     if len(adapters) > 2:   # flat's own rule (methods.FlatClusters): the best-silhouette cut, any count >= 2
         _, flat, scores = choose_cuts(mean[None], tree.linkage, window=None, tau=None)
         shown = ", ".join(f"{c}: {v:.3f}" for c, v in sorted(scores[0].items()) if c <= 8)
