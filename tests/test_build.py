@@ -112,3 +112,29 @@ def test_parallel_loops_are_compiled_with_openmp_when_torch_uses_it():
     if library and readelf:
         needed = subprocess.run([readelf, "-d", library], capture_output=True, text=True, check=True).stdout
         assert "libgomp" in needed or "libomp" in needed, needed
+
+
+def _kernel_signatures(backend_dir: str) -> dict[str, tuple[str, list[str]]]:
+    """op -> (return type, parameter types) of the kernel each m.impl("op", &fn) registers in csrc/<dir>."""
+    import re
+
+    sources = {p: p.read_text() for p in sorted((ROOT / "csrc" / backend_dir).glob("*.c*"))}
+    text = "\n".join(sources.values())
+    found = {}
+    for op, fn in re.findall(r'm\.impl\("(\w+)",\s*&(?:\w+::)*(\w+)\)', text):
+        match = re.search(r"^([\w:<>, ]+?)\s+" + fn + r"\(([^)]*)\)\s*\{", text, re.M)
+        assert match, f"no definition of {fn} (the {backend_dir} kernel of {op})"
+        params = [" ".join(p.split()[:-1]) for p in re.split(r",(?![^<]*>)", match.group(2)) if p.strip()]
+        found[op] = (" ".join(match.group(1).split()), params)
+    return found
+
+
+def test_cpu_and_cuda_kernels_of_an_op_share_one_cpp_signature():
+    """The dispatcher aborts the process at load time ("Mismatch in kernel C++ signatures") when an op's
+    CPU and CUDA kernels take different C++ types; only the CUDA build (scripts/cuda_check.sh) would
+    show it, so the sources are compared here on every machine."""
+    cpu, cuda = _kernel_signatures("cpu"), _kernel_signatures("cuda")
+    assert set(cpu) == {"layer_distances", "linkage", "cut_tree", "silhouette", "tree_reduce", "pack_rows"}, cpu
+    assert set(cuda) <= set(cpu), cuda
+    for op, signature in cuda.items():
+        assert signature == cpu[op], f"{op}: CPU kernel {cpu[op]} but CUDA kernel {signature}"

@@ -20,8 +20,11 @@ namespace {
 // Pieces per task: at least this many bytes each, so that small pieces do not pay a task each.
 constexpr int64_t kGrainBytes = 256 * 1024;
 
-void pack_rows_cpu(at::TensorList parts, const at::Tensor& out) {
+// parts as a c10::List, like the CUDA kernel: an operator's kernels must share one C++ signature, and
+// the CUDA file cannot take an at::TensorList (see csrc/cuda/pack_rows.cu).
+void pack_rows_cpu(const c10::List<at::Tensor>& parts_list, const at::Tensor& out) {
   NvtxRange range("fedtreelora::pack_rows");
+  const std::vector<at::Tensor> parts = parts_list.vec();
   const std::vector<int64_t> cols = check_pack_rows_args(parts, out, at::kCPU);
   if (cols.back() == 0) return;  // no columns (or no keys): nothing to copy
   const int64_t n = out.size(0), n_keys = static_cast<int64_t>(cols.size()) - 1;

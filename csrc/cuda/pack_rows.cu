@@ -15,7 +15,7 @@
 namespace fedtreelora {
 namespace {
 
-// parts as a c10::List, not an at::TensorList as on the CPU: unboxing an ArrayRef<Tensor> argument
+// parts as a c10::List (the CPU kernel too: one C++ signature per op): unboxing an ArrayRef<Tensor> argument
 // inlines torch code that trips GCC's -Wnull-dereference (an error under scripts/cuda_check.sh).
 void pack_rows_cuda(const c10::List<at::Tensor>& parts_list, const at::Tensor& out) {
   NvtxRange range("fedtreelora::pack_rows");
