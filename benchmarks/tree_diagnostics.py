@@ -55,7 +55,8 @@ def main(argv=None) -> int:
         same = labels[:, None] == labels[None, :]
         off = ~np.eye(len(labels), dtype=bool)
         dd = d.double().numpy()
-        return float(dd[~same].mean() / dd[same & off].mean())
+        within = dd[same & off].mean()
+        return float(dd[~same].mean() / within) if within > 0 else float("nan")  # nan: identical (a frozen head)
 
     head = f"{'layer':>5} {'sil(groups)':>11} {'sil(super)':>10} {'between/within':>14} {'cut':>4} {'ARI(cut,groups)':>15}"
     print(f"{len(adapters)} clients, groups {groups.tolist()}, {metric} distance, tau {tree_cfg.tau}, window {tree_cfg.window}")
