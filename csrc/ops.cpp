@@ -1,5 +1,6 @@
 // The schemas of every fedtreelora op, in one place. Kernels live in cpu/*.cpp and cuda/*.cu,
 // one file per backend and op; Python wrappers, input checks and fake kernels in fedtreelora/ops.py.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(fedtreelora, m) {
@@ -20,4 +21,13 @@ TORCH_LIBRARY(fedtreelora, m) {
   // out's dtype and device, with key j's width w_j = parts[j * N].numel() for every client; key j fills
   // columns sum(w_<j) : sum(w_<=j), and the w_j sum to W. No part may overlap out. Writes only out.
   m.def("pack_rows(Tensor[] parts, Tensor(a!) out) -> ()");
+}
+
+// pack_rows writes its argument: torch's in-place checks, so that autograd sees the write. A leaf
+// that requires grad is refused as out, and parts that require grad give out a history whose backward
+// says "not implemented" instead of dropping it (the kernels bump out's version: op_checks.h). The
+// other ops are functional and keep torch's default.
+TORCH_LIBRARY_IMPL(fedtreelora, Autograd, m) { m.impl("pack_rows", torch::autograd::autogradNotImplementedFallback()); }
+TORCH_LIBRARY_IMPL(fedtreelora, ADInplaceOrView, m) {
+  m.impl("pack_rows", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
 }

@@ -121,7 +121,10 @@ def _kernel_signatures(backend_dir: str) -> dict[str, tuple[str, list[str]]]:
     sources = {p: p.read_text() for p in sorted((ROOT / "csrc" / backend_dir).glob("*.c*"))}
     text = "\n".join(sources.values())
     found = {}
-    for op, fn in re.findall(r'm\.impl\("(\w+)",\s*&(?:\w+::)*(\w+)\)', text):
+    registered = re.findall(r'm\.impl\("(\w+)",\s*&(?:\w+::)*(\w+)\)', text)
+    # Every registration must have the `m.impl("op", &function)` form this test reads (not a lambda).
+    assert len(registered) == text.count("m.impl("), f"a kernel in csrc/{backend_dir} is registered in another form"
+    for op, fn in registered:
         match = re.search(r"^([\w:<>, ]+?)\s+" + fn + r"\(([^)]*)\)\s*\{", text, re.M)
         assert match, f"no definition of {fn} (the {backend_dir} kernel of {op})"
         params = [" ".join(p.split()[:-1]) for p in re.split(r",(?![^<]*>)", match.group(2)) if p.strip()]

@@ -192,3 +192,81 @@ def test_layer_rows_and_pack_take_either_path_with_the_same_bits(variant, monkey
     assert _same_bits(x, want)
     for s, b in zip(states, before):
         assert all(_same_bits(s[k], b[k]) for k in s), "an input tensor was modified"
+
+
+# --------------------------------------------------------------------------- autograd, meta, views
+@pytest.mark.parametrize("path", ["native", "reference"])
+def test_parts_that_require_grad_are_refused_unless_grad_is_off(path, monkeypatch):
+    """Like torch's out= functions: a write into out cannot carry the parts' history, so say so."""
+    if path == "native" and not ops.native_available():
+        pytest.skip("the native core is not loaded")
+    if path == "reference":
+        monkeypatch.setattr(ops, "native_available", lambda: False)
+    parts = [torch.ones(2), torch.ones(2, requires_grad=True)]
+    out = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match=r"parts\[1\] \(key 0, client 1\) requires grad.*torch.no_grad"):
+        ops.pack_rows(parts, out)
+    assert bool((out == 0).all())
+    with torch.no_grad():
+        ops.pack_rows(parts, out)
+    assert bool((out == 1).all()) and not out.requires_grad
+
+
+@native
+def test_a_write_into_out_is_seen_by_autograd():
+    """out's version is bumped: a backward through out's earlier value raises instead of returning a
+    wrong gradient (it returned 2 where the true gradient is 0 before); a leaf that requires grad and an
+    inference tensor outside inference mode are refused as out, as torch's in-place ops refuse them."""
+    a = torch.zeros(2, 2, requires_grad=True)
+    y = a * 1.0
+    loss = (y * y).sum()
+    version = y._version
+    ops.pack_rows([torch.ones(2), torch.ones(2)], y)
+    assert y._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        ops.pack_rows([torch.ones(2), torch.ones(2)], torch.zeros(2, 2, requires_grad=True))
+    with torch.inference_mode():
+        frozen = torch.zeros(1, 2)
+        ops.pack_rows([torch.ones(2)], frozen)  # inside inference mode: allowed
+    with pytest.raises(RuntimeError, match="inference tensor outside InferenceMode"):
+        ops.pack_rows([torch.ones(2)], frozen)
+
+
+def test_meta_parts_or_out_are_refused_not_skipped():
+    """A meta tensor sends the call to the fake kernel, which checks the layout like the kernels do
+    (it used to return without writing out or saying anything)."""
+    out = torch.full((1, 2), 7.0)
+    with pytest.raises(ValueError, match=r"parts\[0\] \(key 0, client 0\) is on meta but out is on cpu"):
+        ops.pack_rows([torch.ones(2, device="meta")], out)
+    assert bool((out == 7).all())
+    with pytest.raises(ValueError, match=r"parts\[0\] \(key 0, client 0\) is on cpu but out is on meta"):
+        ops.pack_rows([torch.ones(2)], torch.zeros(1, 2, device="meta"))
+    ops.pack_rows([torch.ones(2, device="meta")], torch.zeros(1, 2, device="meta"))  # all meta: shapes only
+
+
+@pytest.mark.parametrize("view", ["conj", "neg"])
+def test_conjugate_or_negative_views_as_out_are_refused(view):
+    if view == "conj":
+        parts, out = [torch.ones(2, dtype=torch.complex64)], torch.zeros(1, 2, dtype=torch.complex64).conj()
+    else:
+        parts, out = [torch.ones(2)], torch._neg_view(torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="out must not be a conjugate or negative view"):
+        ops.pack_rows(parts, out)
+
+
+def test_aggregate_reads_parameters_as_values():
+    """Clients passed as nn.Parameters (requires_grad): aggregate reads them through detach() views and
+    returns the same experts as for plain tensors, with no autograd history; nothing is modified.
+    Before, the gather raised torch's "out=... don't support automatic differentiation"."""
+    import fedtreelora as ftl
+
+    plain = _states(5, seed=4)
+    params = [{k: torch.nn.Parameter(v.clone()) for k, v in s.items()} for s in plain]
+    want = ftl.aggregate(plain)
+    got = ftl.aggregate(params)
+    for i in range(5):
+        for k, v in want.cluster_states[i].items():
+            assert torch.equal(got.cluster_states[i][k], v) and not got.cluster_states[i][k].requires_grad
+    assert all(torch.equal(p[k].detach(), s[k]) and p[k].requires_grad for p, s in zip(params, plain) for k in s)

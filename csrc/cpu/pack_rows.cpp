@@ -26,6 +26,7 @@ void pack_rows_cpu(const c10::List<at::Tensor>& parts_list, const at::Tensor& ou
   NvtxRange range("fedtreelora::pack_rows");
   const std::vector<at::Tensor> parts = parts_list.vec();
   const std::vector<int64_t> cols = check_pack_rows_args(parts, out, at::kCPU);
+  mark_written(out);
   if (cols.back() == 0) return;  // no columns (or no keys): nothing to copy
   const int64_t n = out.size(0), n_keys = static_cast<int64_t>(cols.size()) - 1;
   const int64_t item = out.element_size();

@@ -21,6 +21,7 @@ void pack_rows_cuda(const c10::List<at::Tensor>& parts_list, const at::Tensor& o
   NvtxRange range("fedtreelora::pack_rows");
   const std::vector<at::Tensor> parts = parts_list.vec();
   const size_t n_keys = check_pack_rows_args(parts, out, at::kCUDA).size() - 1;
+  mark_written(out);
   if (out.size(1) == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
   std::vector<at::Tensor> row_parts(n_keys);

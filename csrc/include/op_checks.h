@@ -82,6 +82,8 @@ inline std::vector<int64_t> check_pack_rows_args(at::TensorList parts, const at:
   const auto* out_begin = static_cast<const char*>(out.const_data_ptr());
   const auto* out_end = w > 0 ? out_begin + ((n - 1) * out.stride(0) + w) * out.element_size() : out_begin;
   std::vector<int64_t> cols(n_keys + 1, 0);
+  // Like torch's out= functions: no autograd through a write into out (its history would be lost).
+  const bool grad_mode = at::GradMode::is_enabled();
   for (int64_t j = 0; j < n_keys; ++j) {
     const int64_t width = parts[j * n].numel();
     for (int64_t i = 0; i < n; ++i) {
@@ -93,6 +95,9 @@ inline std::vector<int64_t> check_pack_rows_args(at::TensorList parts, const at:
                         p.device(), " but out is on ", out.device());
       TORCH_CHECK_VALUE(p.is_contiguous(), "pack_rows: parts[", idx, "] (key ", j, ", client ", i,
                         ") is not contiguous (strides ", p.strides(), ")");
+      TORCH_CHECK_VALUE(!(grad_mode && p.requires_grad()), "pack_rows: parts[", idx, "] (key ", j, ", client ", i,
+                        ") requires grad, and pack_rows does not support autograd: pass detached tensors or "
+                        "call it under torch.no_grad()");
       TORCH_CHECK_VALUE(p.numel() == width, "pack_rows: parts[", idx, "] (key ", j, ", client ", i, ") has ", p.numel(),
                         " elements but key ", j, " has ", width, " (client 0's, parts[", j * n, "])");
       if (width > 0 && w > 0) {
@@ -109,5 +114,11 @@ inline std::vector<int64_t> check_pack_rows_args(at::TensorList parts, const at:
   TORCH_CHECK_VALUE(out.device().type() == backend, "pack_rows: out must be on ", backend, " here, got ", out.device());
   return cols;
 }
+
+// pack_rows writes out, an argument it does not return: the autograd fallback's ADInplaceOrView
+// kernel bumps the version only of returned aliases, so the kernel bumps it itself (as every in-place
+// op does): a backward through an earlier value of out then raises "modified by an inplace operation"
+// instead of giving a wrong gradient, and an inference tensor outside inference mode is refused.
+inline void mark_written(const at::Tensor& out) { out.unsafeGetTensorImpl()->bump_version(); }
 
 }  // namespace fedtreelora

@@ -100,7 +100,11 @@ class AdapterLayout:
 
 
 def normalise_clients(client_states) -> tuple[list[Mapping[str, torch.Tensor]], list[str] | None]:
-    """A list of state dicts, and the client names when the input was a mapping name -> state dict."""
+    """A list of state dicts, and the client names when the input was a mapping name -> state dict.
+
+    A client whose tensors require grad (an ``nn.Parameter`` passed as it is) is read through
+    ``detach()`` views: the same memory, no autograd history in what the server step returns.
+    """
     if isinstance(client_states, Mapping):
         if client_states and all(isinstance(v, torch.Tensor) for v in client_states.values()):
             raise TypeError("client_states must hold one state dict per client (a list or a dict of "
@@ -119,9 +123,13 @@ def normalise_clients(client_states) -> tuple[list[Mapping[str, torch.Tensor]], 
             raise TypeError(f"client {_who(k, names)}: state dict must be a mapping of key -> tensor, got {type(s).__name__}")
         if not s:
             raise ValueError(f"client {_who(k, names)}: state dict is empty")
+        grad = False
         for key, t in s.items():
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"client {_who(k, names)}, key {key!r}: expected a tensor, got {type(t).__name__}")
+            grad = grad or t.requires_grad
+        if grad:  # parameters passed as they are: aggregation is no training step, so read their values only
+            states[k] = {key: t.detach() for key, t in s.items()}
     return states, names
 
 

@@ -470,6 +470,9 @@ def _check_pack_parts(parts, out: torch.Tensor, n: int) -> None:
                 raise ValueError(f"pack_rows: {where} is on {p.device} but out is on {out.device}")
             if not p.is_contiguous():
                 raise ValueError(f"pack_rows: {where} is not contiguous (strides {p.stride()})")
+            if p.requires_grad and torch.is_grad_enabled():
+                raise ValueError(f"pack_rows: {where} requires grad, and pack_rows does not support autograd: "
+                                 f"pass detached tensors or call it under torch.no_grad()")
             if p.numel() != width:
                 raise ValueError(f"pack_rows: {where} has {p.numel()} elements but key {j} has {width} "
                                  f"(client 0's, parts[{j * n}])")
@@ -507,8 +510,14 @@ def pack_rows(parts, out: torch.Tensor) -> None:
         A part of another dtype (TypeError), on another device, not contiguous, or with another
         number of elements than its key's first part, named by its index, key and client; a count of
         parts that is not a multiple of N, widths that do not sum to W, an out that is not 2-D with
-        unit-stride columns, and (checked by the native kernels) rows of out that overlap or a part
+        unit-stride columns, an out that is a conjugate or negative view, a part that requires grad
+        while grad mode is on (no autograd through the write: pass detached tensors or use
+        torch.no_grad()), and (checked by the native kernels) rows of out that overlap or a part
         inside out's span (ValueError).
+    RuntimeError
+        From torch's in-place checks, as for any in-place op: out a leaf that requires grad, or an
+        inference tensor outside inference mode. out's version counter is bumped, so a backward
+        through its earlier value raises instead of using the overwritten one.
 
     Examples
     --------
@@ -534,6 +543,11 @@ def pack_rows(parts, out: torch.Tensor) -> None:
     if out.dim() != 2 or out.shape[0] < 1:
         raise ValueError(f"pack_rows: out must be [N, W] with N >= 1, got shape {tuple(out.shape)}")
     n, w = out.shape
+    # torch's conj/neg fallback cannot write back through such a view (Dynamo cannot trace the test;
+    # a compiled graph is functionalised and never writes through one)
+    if not torch.compiler.is_compiling() and (out.is_conj() or out.is_neg()):
+        raise ValueError("pack_rows: out must not be a conjugate or negative view (out.is_conj() or "
+                         "out.is_neg()); pass a plain tensor (resolve_conj() / resolve_neg() make one)")
     if w > 1 and out.stride(1) != 1:
         raise ValueError(f"pack_rows: out's columns must be unit-stride, got strides {out.stride()}")
     if not isinstance(parts, (list, tuple)):
@@ -584,6 +598,13 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fedtreelora::pack_rows")
     def _(parts, out):
+        # Also what runs when a part or out is on the meta device: the kernels' layout checks, so that
+        # a meta part with a real out (or the reverse) is refused instead of leaving out unwritten.
+        if out.dim() != 2 or out.shape[0] < 1:
+            raise ValueError(f"pack_rows: out must be [N, W] with N >= 1, got shape {tuple(out.shape)}")
+        if len(parts) % out.shape[0]:
+            raise ValueError(f"pack_rows: got {len(parts)} parts, not a multiple of N={out.shape[0]} (out's rows)")
+        _check_pack_parts(parts, out, out.shape[0])
         return None  # writes out in place (Tensor(a!)), returns nothing
 
     @torch.library.register_fake("fedtreelora::tree_reduce")
