@@ -224,3 +224,26 @@ def test_run_folders_of_the_earlier_layout_are_refused_with_a_clear_message(mode
                    {"format": "fedtreelora.flower.PersonalisedStrategy/2", "clients": [node], "nodes": {}})
     with pytest.raises(CheckpointError, match="Flower node id"):
         load_checkpoint(tmp_path / "dropin")
+
+
+def test_nothing_left_to_train_is_said_only_when_it_is_a_mistake(model_path, tmp_path):
+    """rounds=0 (the warm-up and the decided rule only) continues the warm-up's commit with no round of
+    its own: no warning. Resuming that finished run asks for nothing new: the warning says so."""
+    import logging
+
+    from fedtreelora.flower import strategy as strategy_module
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    strategy_module.logger.addHandler(handler)
+    try:
+        cfg = tiny_config(model_path, warmup_rounds=1, rounds=0)
+        run_experiment(cfg, ["fedtreelora"], tmp_path, dataset=tiny_dataset(), progress=False)
+        assert not [m for m in seen if "nothing left to train" in m], seen
+        run_experiment(cfg.replace(rounds=1), ["fedtreelora"], tmp_path / "one", dataset=tiny_dataset(), progress=False)
+        run_experiment(cfg.replace(rounds=1), ["fedtreelora"], tmp_path / "one", dataset=tiny_dataset(), progress=False,
+                       resume=True)
+        assert [m for m in seen if "nothing left to train" in m], seen
+    finally:
+        strategy_module.logger.removeHandler(handler)

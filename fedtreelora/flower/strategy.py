@@ -306,7 +306,10 @@ class PersonalisedStrategy(Strategy):
         covers every round.
         """
         self._begin(initial_arrays)
-        if self.resumed_round >= num_rounds:
+        # A run that continues another's rounds (start_from) with none of its own (rounds=0) is no
+        # mistake; a resumed run that has nothing left, or any run asked for fewer rounds than it holds, is.
+        continuing = self._continues_other and self.resumed_round == num_rounds
+        if self.resumed_round >= num_rounds and not continuing:
             logger.warning("%s has round %d committed, num_rounds is %d: nothing left to train",
                            self.checkpoint_dir or self.start_from, self.resumed_round, num_rounds)
         self._in_start, self._evaluate_fn_commits = True, evaluate_fn is not None
@@ -321,6 +324,7 @@ class PersonalisedStrategy(Strategy):
         """A run's start: fresh state, then the checkpoint it resumes or continues."""
         self._reset()
         self._initial = from_arrayrecord(initial_arrays)
+        self._continues_other = False   # True: the state loaded is start_from's (this run has no round yet)
         loaded = self._checkpoint(self.checkpoint_dir)
         if loaded is not None:
             if not self.resume:
@@ -336,6 +340,7 @@ class PersonalisedStrategy(Strategy):
             if loaded is None:
                 raise RunFolderError(f"{self.start_from} holds no committed round to continue from")
             self._load_state(*loaded, self.start_from, own=False)
+            self._continues_other = True
 
     def _checkpoint(self, folder: Path | None) -> tuple[dict, dict] | None:
         loaded = None if folder is None else load_tensors(folder)
