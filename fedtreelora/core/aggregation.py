@@ -63,6 +63,8 @@ def aggregate(client_states, weights=None, tree: AggregationTree | None = None, 
     client_states : list of dict or dict of str to dict
         PEFT LoRA state dicts (`peft.get_peft_model_state_dict`), one per client, or a dict client
         name -> state dict; all clients share keys, shapes, dtype and device. Never modified.
+        Tensors that require grad (parameters passed as they are) are read as values: the
+        experts carry no autograd history.
     weights : sequence, tensor or dict of str to float, optional
         Per-client aggregation weights (sample counts, say), finite and > 0; default equal.
     tree : AggregationTree, optional
