@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from fedtreelora.core import adapters, ops, reference
-from fedtreelora.core.tree import layer_rows
+from fedtreelora.core.adapters import layer_rows
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 native = pytest.mark.skipif(not ops.native_available(), reason="the native core is not loaded (reference ops only)")

@@ -22,7 +22,7 @@ import torch
 
 from .ops import nonfinite_entry, pack_rows
 
-__all__ = ["AdapterLayout", "parse_layout", "normalise_clients", "pack", "unpack_row", "key_view",
+__all__ = ["AdapterLayout", "parse_layout", "normalise_clients", "pack", "layer_rows", "unpack_row", "key_view",
            "is_b_factor", "first_nonfinite", "all_finite", "segment_norms"]
 
 _FIRST_INDEX = re.compile(r"^(?P<stack>.*?\.[^.]*)\.(?P<idx>\d+)\.")
@@ -244,26 +244,44 @@ def parse_layout(states: list[Mapping[str, torch.Tensor]], names: list[str] | No
 
 
 def pack(states: list[Mapping[str, torch.Tensor]], layout: AdapterLayout) -> torch.Tensor:
-    """x [N, P] in layout.dtype on the clients' device: row k = client k's tensors, flattened, in layout order.
+    """x [N, P] in layout.dtype on the clients' device: row k = client k's tensors, flattened, in layout
+    order (`layer_rows` over every key: one copy of the inputs, which are only read)."""
+    return layer_rows(states, layout.keys, layout.dtype)
 
-    One copy of the inputs: `ops.pack_rows` (a memcpy per tensor, in parallel) when every tensor is
-    contiguous and already in layout.dtype, else a torch.cat per client into its row. The inputs are
-    only read.
+
+def layer_rows(states, keys, dtype: torch.dtype, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, w]: row k = states[k][key].flatten() for the keys side by side (in `dtype`).
+
+    Equal to those keys' columns of `pack` (same order, same dtype conversion): one
+    `ops.pack_rows` (a memcpy per tensor, in parallel) when every tensor is contiguous and already in
+    `dtype` on the output's device, else one torch.stack per key, straight into its columns of the
+    output. With `buffer` ([N, >= w], dtype), the output is its first w columns (rows strided): a
+    caller that gathers block after block reuses one buffer instead of faulting in fresh memory for
+    every block, which cost more than the copy.
     """
-    device = states[0][layout.keys[0]].device
-    x = torch.empty(len(states), layout.n_params, dtype=layout.dtype, device=device)
-    same_dtype = all(dt == layout.dtype for dt in layout.dtypes)
-    if same_dtype:  # the clients' dtypes and device agree with the layout's (parse_layout checks them)
-        parts = [s[key] for key in layout.keys for s in states]
+    ref = states[0]
+    n = len(states)
+    widths = [ref[key].numel() for key in keys]
+    if buffer is None:
+        out = torch.empty(n, sum(widths), dtype=dtype, device=ref[keys[0]].device)
+    else:
+        out = buffer[:, :sum(widths)]
+    # Clients agree on every key's dtype and device (parse_layout checks it): client 0's stand for all.
+    if all(ref[key].dtype == dtype and ref[key].device == out.device for key in keys):
+        parts = [s[key] for key in keys for s in states]
         if all(map(torch.Tensor.is_contiguous, parts)):
-            pack_rows(parts, x)
-            return x
-    for k, s in enumerate(states):
-        parts = [s[key].reshape(-1) for key in layout.keys]
-        if not same_dtype:
-            parts = [p.to(layout.dtype) for p in parts]
-        torch.cat(parts, out=x[k])
-    return x
+            pack_rows(parts, out)
+            return out
+    lo = 0
+    for key, width in zip(keys, widths):
+        target = out[:, lo:lo + width].view(n, *ref[key].shape)
+        parts = [s[key] for s in states]
+        if ref[key].dtype == dtype:
+            torch.stack(parts, out=target)
+        else:
+            target.copy_(torch.stack(parts))
+        lo += width
+    return out
 
 
 def unpack_row(row: torch.Tensor, layout: AdapterLayout) -> dict[str, torch.Tensor]:

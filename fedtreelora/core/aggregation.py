@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from . import adapters, ops
-from .tree import AggregationTree, TreeConfig, build_tree, build_tree_from_rows, layer_rows
+from .adapters import layer_rows
+from .tree import AggregationTree, TreeConfig, build_tree, build_tree_from_rows
 
 __all__ = ["aggregate", "AggregationResult", "group_experts", "ROBUST_METHODS"]
 

@@ -16,7 +16,8 @@ from collections import Counter
 import torch
 
 from . import adapters
-from .tree import AggregationTree, layer_keys, layer_rows
+from .adapters import layer_rows
+from .tree import AggregationTree, layer_keys
 
 __all__ = ["extend_tree"]
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import adapters, ops
+from .adapters import layer_rows
 from .files import atomic_write_text
 from .spill import LayerSpill
 
@@ -463,41 +464,6 @@ def layer_keys(b_layout: adapters.AdapterLayout) -> list[list[str]]:
     out: list[list[str]] = [[] for _ in range(len(off) - 1)]
     for key, (lo, _) in zip(b_layout.keys, b_layout.columns):
         out[bisect_right(off, lo) - 1].append(key)
-    return out
-
-
-def layer_rows(states, keys, dtype: torch.dtype, buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """[N, w]: row k = states[k][key].flatten() for the keys side by side (in `dtype`).
-
-    Equal to those keys' columns of `adapters.pack` (same order, same dtype conversion): one
-    `ops.pack_rows` (a memcpy per tensor, in parallel) when every tensor is contiguous and already in
-    `dtype` on the output's device, else one torch.stack per key, straight into its columns of the
-    output. With `buffer` ([N, >= w], dtype), the output is its first w columns (rows strided): a
-    caller that gathers block after block reuses one buffer instead of faulting in fresh memory for
-    every block, which cost more than the copy.
-    """
-    ref = states[0]
-    n = len(states)
-    widths = [ref[key].numel() for key in keys]
-    if buffer is None:
-        out = torch.empty(n, sum(widths), dtype=dtype, device=ref[keys[0]].device)
-    else:
-        out = buffer[:, :sum(widths)]
-    # Clients agree on every key's dtype and device (adapters checks it): client 0's stand for all.
-    if all(ref[key].dtype == dtype and ref[key].device == out.device for key in keys):
-        parts = [s[key] for key in keys for s in states]
-        if all(map(torch.Tensor.is_contiguous, parts)):
-            ops.pack_rows(parts, out)
-            return out
-    lo = 0
-    for key, width in zip(keys, widths):
-        target = out[:, lo:lo + width].view(n, *ref[key].shape)
-        parts = [s[key] for s in states]
-        if ref[key].dtype == dtype:
-            torch.stack(parts, out=target)
-        else:
-            target.copy_(torch.stack(parts))
-        lo += width
     return out
 
 
