@@ -96,6 +96,7 @@ def still_valid(method: str, old_config: dict | None, config: dict) -> bool:
     learnt lam: local, FedIT, flat, the oracle, lam held fixed)."""
     if old_config is None:
         return False
+    old_config = ExperimentConfig.complete(old_config)   # settings added since it ran: at their defaults
     changed = {k for k in set(old_config) | set(config) if old_config.get(k) != config.get(k)}
     return not changed or (changed <= MIXING_KEYS and not make_method(method).learns_lam)
 

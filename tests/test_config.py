@@ -28,7 +28,8 @@ def test_bad_numbers_fail_on_construction(changes, message):
 
 def test_tree_defaults_have_one_home():
     cfg, tree = ExperimentConfig(), TreeConfig()
-    assert cfg.tree_config() == TreeConfig(linkage=tree.linkage, metric=tree.metric, window=tree.window, tau=tree.tau)
+    assert cfg.tree_config() == TreeConfig(linkage=tree.linkage, metric=tree.metric, window=tree.window, tau=tree.tau,
+                                           head=tree.head)
     import argparse
     from fedtreelora.cli import aggregate as command
     parser = argparse.ArgumentParser()
@@ -76,3 +77,28 @@ def test_two_groups_rotate_labels_one_super_group_each_does_not():
                      super_groups=ExperimentConfig(num_groups=2).super_group_count)
     # group 1 sees rotated labels: its train labels are not its documents' true classes
     assert any((labels[c.train_idx] != c.train_labels).any() for c in flat if c.group == 1)
+
+
+def test_a_run_saved_before_a_setting_existed_is_the_same_run(tmp_path):
+    # A setting added later (here `head`) defaults to the behaviour before it: a run folder or a
+    # benchmark result saved without it is still today's run, and a real change is named.
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from fedtreelora.federation.checkpoints import RunFolderError
+    from fedtreelora.federation.schedule import check_run_folder
+
+    saved = ExperimentConfig().to_dict()
+    del saved["head"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    check_run_folder(tmp_path, ExperimentConfig(), resume=True)
+    with pytest.raises(RunFolderError, match=r"differs in \['head'\]"):
+        check_run_folder(tmp_path, ExperimentConfig(head="local"), resume=True)
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_federated.py"
+    spec = importlib.util.spec_from_file_location("bench_federated_for_config", bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.still_valid("flat", saved, ExperimentConfig().to_dict())
+    assert not module.still_valid("flat", saved, ExperimentConfig(head="local").to_dict())

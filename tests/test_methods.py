@@ -167,3 +167,38 @@ def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="unknown method 'fedavg'"):
         make_method("fedavg")
     assert {"fedtreelora", "local", "fedit", "fedsa", "flat", "fedalt", "ablation-fixed", "ablation-perlayer"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("head", ["local", "global"])
+def test_head_setting_shares_the_head_and_leaves_the_layers_alone(name, head):
+    # `head: local` keeps each client's own head, `head: global` averages it over everyone, in every
+    # method that shares (`local` never does); the LoRA layers are what the method decides either way.
+    groups = np.array([0, 1, 0, 1, 0, 1])
+    states = fake_states(6, groups=groups, seed=6)
+    w = np.array([1.0, 2.0, 1.0, 3.0, 1.0, 2.0])
+    runs = {}
+    for policy in ("deepest", head):
+        method = make_method(name)
+        method.setup(states, w, CFG.replace(head=policy), groups)
+        runs[policy] = method.aggregate(states, w)
+    head_keys = [key for key in states[0] if layer_of(key) is None]
+    everyone = list(range(6))
+    for k in range(6):
+        for key in states[0]:
+            got, base = runs[head][k][0][key], runs["deepest"][k][0][key]
+            if key not in head_keys:
+                torch.testing.assert_close(got, base, rtol=0, atol=0)
+            elif name == "local" or head == "local":
+                torch.testing.assert_close(got, states[k][key], rtol=0, atol=0)
+            else:
+                torch.testing.assert_close(got.double(), wmean(states, everyone, key, w), rtol=1e-5, atol=1e-5)
+    fresh = fake_states(6, groups=groups, seed=6)   # the uploads were not modified
+    assert all(torch.equal(fresh[k][key], states[k][key]) for k in range(6) for key in states[k])
+
+
+def test_head_setting_is_validated_and_reaches_the_tree():
+    with pytest.raises(ValueError, match="config head must be one of"):
+        ExperimentConfig(head="shared")
+    assert ExperimentConfig(head="local").tree_config().head == "local"
+    assert ExperimentConfig().tree_config().head == "deepest"

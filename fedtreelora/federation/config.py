@@ -25,6 +25,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from ..core import TreeConfig
 from ..core.ops import LINKAGE_METHODS, METRICS
+from ..core.tree import HEAD_POLICIES
 
 # The tree settings' defaults live in TreeConfig alone.
 _TREE = TreeConfig()
@@ -34,6 +35,7 @@ Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "c
                     "warmup_stable_decay", "greedy"]
 Linkage = Literal[LINKAGE_METHODS]
 Metric = Literal[METRICS]
+Head = Literal[HEAD_POLICIES]
 Task = Literal["classification", "causal_lm"]
 
 # LoRA targets of each task when `target_modules` is left empty: BERT's attention query/value for
@@ -104,6 +106,7 @@ class ExperimentConfig:
     metric: Metric = _f(_TREE.metric, "distance between clients' B factors (frobenius or cosine)")
     window: int = _f(_TREE.window, "cut-search window K")
     tau: float = _f(_TREE.tau, "score of one cluster (bias towards full sharing)")
+    head: Head = _f(_TREE.head, "what the classifier head (modules_to_save) shares, in every method that shares: the deepest layer's partition (deepest), nothing (local: each client keeps its own head, trained in warm-up), or everything (global); `local` never shares")
     fixed_clusters: int = _f(2, "cluster count of the fixed-count ablation (all layers)")
     # run
     dp_clip_norm: float = _f(0.0, "differential privacy: clip each upload's update (all tensors together) to this L2 norm (0 = off)")
@@ -135,7 +138,7 @@ class ExperimentConfig:
 
     def tree_config(self) -> TreeConfig:
         """The TreeConfig these settings describe."""
-        return TreeConfig(linkage=self.linkage, metric=self.metric, window=self.window, tau=self.tau)
+        return TreeConfig(linkage=self.linkage, metric=self.metric, window=self.window, tau=self.tau, head=self.head)
 
     @classmethod
     def fields_help(cls) -> list[tuple[str, Any, str]]:
@@ -148,6 +151,12 @@ class ExperimentConfig:
         if unknown:
             raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**values)
+
+    @classmethod
+    def complete(cls, values: dict) -> dict:
+        """A saved config's settings with those added since it was written at their defaults (a new
+        setting's default is the behaviour before it existed), for comparing a saved run with today's."""
+        return json.loads(json.dumps({**cls().to_dict(), **values}))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ExperimentConfig":

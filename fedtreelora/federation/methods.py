@@ -66,7 +66,8 @@ def nearest_clusters(d: torch.Tensor, labels: np.ndarray) -> np.ndarray:
 
 
 class _Segmented(Method):
-    """Methods defined by a partition of the clients per transformer layer (the head follows the deepest).
+    """Methods defined by a partition of the clients per transformer layer (the head follows the
+    deepest layer's, or the config's `head` setting).
 
     `placement` says how a late client is placed: "rule" (the method's rule for N + M clients),
     "mean" (the nearest cluster under the mean B distance, at every layer) or "layer" (the nearest
@@ -82,8 +83,14 @@ class _Segmented(Method):
         n_layers = len(parse_layout(warm_states[:1]).layers)
         self.labels = np.asarray(self.layer_labels(n_layers, len(warm_states)), dtype=np.int64)
 
+    def head_labels(self, n: int) -> np.ndarray | None:
+        """The head's partition under the config's `head` setting (None: the deepest layer's)."""
+        policy = getattr(self.config, "head", "deepest")
+        return {"deepest": None, "local": np.arange(n), "global": np.zeros(n, dtype=np.int64)}[policy]
+
     def experts(self, states, weights) -> Experts:
-        return group_experts(states, self.labels, torch.as_tensor(weights, dtype=torch.float64))
+        return group_experts(states, self.labels, torch.as_tensor(weights, dtype=torch.float64),
+                             head_labels=self.head_labels(len(states)))
 
     def aggregate(self, states, weights):
         experts = self.experts(states, weights)
@@ -119,6 +126,9 @@ class LocalOnly(_Segmented):
     def layer_labels(self, n_layers, n):
         return np.tile(np.arange(n), (n_layers, 1))
 
+    def head_labels(self, n):   # no sharing whatever the `head` setting says
+        return None
+
 
 class FedIT(_Segmented):
     name, description = "fedit", "FedIT: FedAvg of LoRA and head over all clients"
@@ -146,7 +156,7 @@ class FedSA(_Segmented):
 
     def experts(self, states, weights):  # A factors of every layer shared by all, B factors and head local
         return group_experts(states, self.labels, torch.as_tensor(weights, dtype=torch.float64),
-                             a_labels=np.zeros_like(self.labels))
+                             a_labels=np.zeros_like(self.labels), head_labels=self.head_labels(len(states)))
 
 
 class FedALT(_Segmented):

@@ -134,9 +134,10 @@ def check_run_folder(run_dir: Path, config: ExperimentConfig, resume: bool = Fal
     checkpoints = run_dir / "checkpoints"
     fresh = overwrite and not resume
     if path.is_file() and not fresh:
-        saved = json.loads(path.read_text())
-        if saved != json.loads(json.dumps(config.to_dict())):
-            diff = sorted(k for k in saved if saved.get(k) != config.to_dict().get(k))
+        saved = ExperimentConfig.complete(json.loads(path.read_text()))
+        wanted = json.loads(json.dumps(config.to_dict()))
+        if saved != wanted:
+            diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
             raise RunFolderError(f"run folder {run_dir} holds a run with another config (differs in {diff}); "
                                  "use another --run-dir, the same settings, or --overwrite")
     if resume and checkpoints.is_dir() and any(earlier_layout(f) for f in checkpoints.iterdir()):
