@@ -12,8 +12,8 @@ accuracy, wall time, cuts) and federated.md (mean over seeds +- std over seeds o
 accuracy, and per seed the paired difference fedtreelora minus each method), two figures per
 setting (federated-<setting>-methods.png: mean accuracy per method with error bars over seeds;
 federated-<setting>-clients.png: each client's accuracy against local training's), and prints the
-table. A run replaces only the settings and methods it ran (read-merge-write under a file lock), so
-the two settings can run as two processes side by side (`--settings planted-groups --threads 1` and
+table. A run replaces only the settings, methods and seeds it ran (read-merge-write under a file
+lock), so two settings, or two seeds of one setting, can run as two processes side by side (`--settings planted-groups --threads 1` and
 `--settings dirichlet-only --threads 1` on 2 cores). Long: about (#methods x 1 min + warm-up) per
 setting and seed on 2 CPU cores.
 """
@@ -73,9 +73,10 @@ def paired(by_method: dict) -> list[str]:
         if name == "fedtreelora":
             continue
         theirs = {r["seed"]: key(r) for r in runs}
-        diffs = [100 * (ours[s] - theirs[s]) for s in seeds if s in theirs]
-        if diffs:
-            lines.append(f"| {name} | " + " | ".join(f"{d:+.1f}" for d in diffs) + f" | {np.mean(diffs):+.1f} |")
+        diffs = {s: 100 * (ours[s] - theirs[s]) for s in seeds if s in theirs}
+        if diffs:   # a seed one of the two did not run shows as "-"
+            lines.append(f"| {name} | " + " | ".join(f"{diffs[s]:+.1f}" if s in diffs else "-" for s in seeds)
+                         + f" | {np.mean(list(diffs.values())):+.1f} |")
     return lines
 
 
@@ -107,9 +108,16 @@ def in_method_order(by_method: dict) -> dict:
     return {m: by_method[m] for m in sorted(by_method, key=lambda m: list(METHODS).index(m) if m in METHODS else len(METHODS))}
 
 
+def by_seed(kept: list[dict], new: list[dict]) -> list[dict]:
+    """A method's runs: the new ones, and the kept ones of the seeds this run did not measure, by seed."""
+    seeds = {r["seed"] for r in new}
+    return sorted([r for r in kept if r["seed"] not in seeds] + list(new), key=lambda r: r["seed"])
+
+
 def save(json_path: Path, results: dict, wall_s: float) -> dict:
-    """Merge this run's settings and methods into federated.json: the methods it ran replace theirs;
-    other settings are kept, and so are other methods of a setting whose results `still_valid` holds."""
+    """Merge this run's settings, methods and seeds into federated.json: the seeds it ran replace
+    theirs; other settings are kept, and so are other methods and seeds of a setting whose results
+    `still_valid` holds (so two processes may run two seeds of one setting side by side)."""
     from filelock import FileLock
     with FileLock(str(json_path) + ".lock"):
         old = json.loads(json_path.read_text()) if json_path.is_file() else {}
@@ -117,7 +125,10 @@ def save(json_path: Path, results: dict, wall_s: float) -> dict:
         kept = {s: {m: v for m, v in old.get("results", {}).get(s, {}).items()
                     if still_valid(m, old.get("settings", {}).get(s), configs[s])} for s in results}
         merged = {"settings": {**old.get("settings", {}), **configs},
-                  "results": {**old.get("results", {}), **{s: in_method_order({**kept[s], **results[s]}) for s in results}},
+                  "results": {**old.get("results", {}),
+                              **{s: in_method_order({**kept[s], **{m: by_seed(kept[s].get(m, []), runs)
+                                                                   for m, runs in results[s].items()}})
+                                 for s in results}},
                   "wall_s": {**old.get("wall_s", {}), **{s: wall_s for s in results}}}
         tmp = json_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(merged, indent=1))

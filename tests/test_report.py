@@ -41,3 +41,23 @@ def test_figures_are_written(tmp_path):
     assert (tmp_path / "m.png").stat().st_size > 5000 and (tmp_path / "c.png").stat().st_size > 5000
     with pytest.raises(KeyError):
         plot_per_client_against(RECORDS, "fedit", tmp_path / "x.png")
+
+
+def test_a_run_of_some_seeds_keeps_the_other_seeds(tmp_path, monkeypatch):
+    # Two processes measuring two seeds of one setting: each save keeps what the other wrote.
+    bench = _bench()
+    path = tmp_path / "federated.json"
+    one = {"hierarchical": {m: [r for r in runs if r["seed"] == 0] for m, runs in RECORDS.items()}}
+    other = {"hierarchical": {m: [r for r in runs if r["seed"] == 1] for m, runs in RECORDS.items()}}
+    bench.save(path, one, 1.0)
+    merged = bench.save(path, other, 1.0)
+    assert merged["results"]["hierarchical"] == RECORDS
+    again = {"hierarchical": {"local": [{**RECORDS["local"][1], "mean_accuracy": 0.5}]}}
+    merged = bench.save(path, again, 1.0)    # a re-run of one seed replaces that seed only
+    assert [r["mean_accuracy"] for r in merged["results"]["hierarchical"]["local"]] == [0.85, 0.5]
+    assert merged["results"]["hierarchical"]["fedtreelora"] == RECORDS["fedtreelora"]
+
+
+def test_a_seed_a_method_did_not_run_shows_as_a_dash():
+    records = {**RECORDS, "flat": [{"seed": 1, "mean_accuracy": 0.75, "accuracy": [0.7, 0.8], "wall_s": 1.0}]}
+    assert "| flat | - | +5.0 | +5.0 |" in _bench().markdown({"hierarchical": records})
