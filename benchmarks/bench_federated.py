@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +97,7 @@ def still_valid(method: str, old_config: dict | None, config: dict) -> bool:
     learnt lam: local, FedIT, flat, the oracle, lam held fixed)."""
     if old_config is None:
         return False
-    old_config = ExperimentConfig.complete(old_config)   # settings added since it ran: at their defaults
+    old_config = ExperimentConfig.complete(old_config)   # settings added since it ran: at their earlier behaviour
     changed = {k for k in set(old_config) | set(config) if old_config.get(k) != config.get(k)}
     return not changed or (changed <= MIXING_KEYS and not make_method(method).learns_lam)
 
@@ -114,22 +113,21 @@ def by_seed(kept: list[dict], new: list[dict]) -> list[dict]:
     return sorted([r for r in kept if r["seed"] not in seeds] + list(new), key=lambda r: r["seed"])
 
 
-def save(json_path: Path, results: dict, wall_s: float) -> dict:
+def save(json_path: Path, results: dict, configs: dict) -> dict:
     """Merge this run's settings, methods and seeds into federated.json: the seeds it ran replace
     theirs; other settings are kept, and so are other methods and seeds of a setting whose results
-    `still_valid` holds (so two processes may run two seeds of one setting side by side)."""
+    `still_valid` holds (so two processes may run two seeds of one setting side by side). `configs`:
+    per setting, the config (without seed and threads) the run used."""
     from filelock import FileLock
     with FileLock(str(json_path) + ".lock"):
         old = json.loads(json_path.read_text()) if json_path.is_file() else {}
-        configs = {s: setting_config(s).to_dict() for s in results}
         kept = {s: {m: v for m, v in old.get("results", {}).get(s, {}).items()
                     if still_valid(m, old.get("settings", {}).get(s), configs[s])} for s in results}
         merged = {"settings": {**old.get("settings", {}), **configs},
                   "results": {**old.get("results", {}),
                               **{s: in_method_order({**kept[s], **{m: by_seed(kept[s].get(m, []), runs)
                                                                    for m, runs in results[s].items()}})
-                                 for s in results}},
-                  "wall_s": {**old.get("wall_s", {}), **{s: wall_s for s in results}}}
+                                 for s in results}}}   # each run's own wall times are in its record
         tmp = json_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(merged, indent=1))
         tmp.replace(json_path)
@@ -149,12 +147,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "federated.json"
     results = {}
-    started = time.perf_counter()
+    configs = {s: setting_config(s).to_dict() for s in args.settings}   # read once: what this run measures
     for setting in args.settings:
         methods = args.methods or SETTING_METHODS.get(setting, list(METHODS))
         results[setting] = {m: [] for m in methods}
         for seed in args.seeds:
-            cfg = setting_config(setting).replace(seed=seed, **({"num_threads": args.threads} if args.threads else {}))
+            cfg = ExperimentConfig.from_dict(configs[setting]).replace(seed=seed, **({"num_threads": args.threads} if args.threads else {}))
             summary = run_experiment(cfg, methods, Path(args.run_root) / f"{setting}-seed{seed}", resume=True)
             metric = cfg.metric_name
             for name, r in summary["methods"].items():
@@ -165,7 +163,7 @@ def main(argv=None) -> int:
                                                "n_clusters": r["method_state"].get("n_clusters"),
                                                "deepest_ari": deepest_ari(r["method_state"], summary["groups"])})
             # written after every seed so a long run leaves what it measured
-            merged = save(json_path, results, time.perf_counter() - started)
+            merged = save(json_path, {setting: results[setting]}, {setting: configs[setting]})
     table = markdown(merged["results"])
     (out / "federated.md").write_text(table)
     from fedtreelora.report import plot_per_client_against, plot_seed_means

@@ -96,6 +96,12 @@ def test_a_run_saved_before_a_setting_existed_is_the_same_run(tmp_path):
     with pytest.raises(RunFolderError, match=r"differs in \['head'\]"):
         check_run_folder(tmp_path, ExperimentConfig(head="local"), resume=True)
 
+    assert ExperimentConfig.complete({}) == {"head": "deepest"}   # only settings known to be added fill in
+    gone = {**ExperimentConfig().to_dict(), "old_setting": 1}
+    (tmp_path / "config.json").write_text(json.dumps(gone))
+    with pytest.raises(RunFolderError, match=r"settings that no longer exist \(\['old_setting'\]\)"):
+        check_run_folder(tmp_path, ExperimentConfig(), resume=True)
+
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_federated.py"
     spec = importlib.util.spec_from_file_location("bench_federated_for_config", bench)
     module = importlib.util.module_from_spec(spec)

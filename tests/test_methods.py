@@ -202,3 +202,26 @@ def test_head_setting_is_validated_and_reaches_the_tree():
         ExperimentConfig(head="shared")
     assert ExperimentConfig(head="local").tree_config().head == "local"
     assert ExperimentConfig().tree_config().head == "deepest"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("head", ["local", "global"])
+def test_head_setting_holds_for_late_clients_and_after_a_resume(name, head):
+    import json
+    groups = np.array([0, 1, 0, 1, 0, 1])
+    states = fake_states(6, groups=groups, seed=7)
+    w = np.ones(6)
+    cfg = CFG.replace(head=head)
+    method = make_method(name)
+    method.setup(states[:4], w[:4], cfg, groups[:4], names=[f"c{k}" for k in range(4)])
+    method.extend(states[:4], states[4:], w, groups, names=["c4", "c5"])   # two late clients
+    resumed = make_method(name)
+    resumed.load_state(json.loads(json.dumps(method.state())), cfg)
+    head_keys = [key for key in states[0] if layer_of(key) is None]
+    for rule in (method, resumed):
+        experts = rule.aggregate(states, w)
+        for k in range(6):
+            for key in head_keys:
+                want = (states[k][key].double() if name == "local" or head == "local"
+                        else wmean(states, range(6), key, w))
+                torch.testing.assert_close(experts[k][0][key].double(), want, rtol=1e-5, atol=1e-5)

@@ -49,13 +49,22 @@ def test_a_run_of_some_seeds_keeps_the_other_seeds(tmp_path, monkeypatch):
     path = tmp_path / "federated.json"
     one = {"hierarchical": {m: [r for r in runs if r["seed"] == 0] for m, runs in RECORDS.items()}}
     other = {"hierarchical": {m: [r for r in runs if r["seed"] == 1] for m, runs in RECORDS.items()}}
-    bench.save(path, one, 1.0)
-    merged = bench.save(path, other, 1.0)
+    configs = {"hierarchical": bench.setting_config("hierarchical").to_dict()}
+    bench.save(path, one, configs)
+    merged = bench.save(path, other, configs)
     assert merged["results"]["hierarchical"] == RECORDS
     again = {"hierarchical": {"local": [{**RECORDS["local"][1], "mean_accuracy": 0.5}]}}
-    merged = bench.save(path, again, 1.0)    # a re-run of one seed replaces that seed only
+    merged = bench.save(path, again, configs)    # a re-run of one seed replaces that seed only
     assert [r["mean_accuracy"] for r in merged["results"]["hierarchical"]["local"]] == [0.85, 0.5]
     assert merged["results"]["hierarchical"]["fedtreelora"] == RECORDS["fedtreelora"]
+    # under another config the other seeds are stale and go; a method that does not read the change
+    # (mixing_lr: local does not learn lam) keeps them, one that does (fedtreelora) loses them
+    for change, local_seeds, tree_seeds in ((dict(lr=1e-2), [1], []), (dict(mixing_lr=0.5), [0, 1], [])):
+        bench.save(path, {"hierarchical": RECORDS}, configs)
+        changed = {"hierarchical": {**configs["hierarchical"], **change}}
+        merged = bench.save(path, {"hierarchical": {"local": [RECORDS["local"][1]]}}, changed)["results"]["hierarchical"]
+        assert [r["seed"] for r in merged["local"]] == local_seeds, change
+        assert [r["seed"] for r in merged.get("fedtreelora", [])] == tree_seeds, change
 
 
 def test_a_seed_a_method_did_not_run_shows_as_a_dash():

@@ -47,6 +47,11 @@ TASK_METRIC = {"classification": "accuracy", "causal_lm": "rouge1"}
 DATASET_TASK = {"bbcnews": "classification", "aclsum": "causal_lm"}
 
 
+# Settings added after runs and benchmark results were saved, with the value that gives the behaviour
+# from before each existed: a saved config without one of them is read with that value.
+ADDED_SETTINGS = {"head": "deepest"}
+
+
 def _f(default, help_text):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help_text})
@@ -101,12 +106,13 @@ class ExperimentConfig:
     late_clients: int = _f(0, "clients that join late: the last `late_clients` of the partition skip the shared warm-up, join at federated round `late_round` with `warmup_rounds` local rounds of their own, and are placed in the tree (or the baselines' partitions) without rebuilding it")
     late_round: int = _f(1, "federated round (1-based) at which the late clients join")
     rebuild_every: int = _f(0, "rebuild the tree (every method's partitions) from the latest uploads every R federated rounds (0 = never, the paper's behaviour)")
+    # the classifier head, in every method
+    head: Head = _f(_TREE.head, "classifier head (modules_to_save) in every method that shares: deepest = the deepest layer's partition, local = each client's own (never averaged), global = averaged over all clients; the method `local` ignores it")
     # tree (FedTreeLoRA)
     linkage: Linkage = _f(_TREE.linkage, f"linkage of the global client tree ({', '.join(LINKAGE_METHODS)})")
     metric: Metric = _f(_TREE.metric, "distance between clients' B factors (frobenius or cosine)")
     window: int = _f(_TREE.window, "cut-search window K")
     tau: float = _f(_TREE.tau, "score of one cluster (bias towards full sharing)")
-    head: Head = _f(_TREE.head, "what the classifier head (modules_to_save) shares, in every method that shares: the deepest layer's partition (deepest), nothing (local: each client keeps its own head, trained in warm-up), or everything (global); `local` never shares")
     fixed_clusters: int = _f(2, "cluster count of the fixed-count ablation (all layers)")
     # run
     dp_clip_norm: float = _f(0.0, "differential privacy: clip each upload's update (all tensors together) to this L2 norm (0 = off)")
@@ -154,9 +160,10 @@ class ExperimentConfig:
 
     @classmethod
     def complete(cls, values: dict) -> dict:
-        """A saved config's settings with those added since it was written at their defaults (a new
-        setting's default is the behaviour before it existed), for comparing a saved run with today's."""
-        return json.loads(json.dumps({**cls().to_dict(), **values}))
+        """A saved config's settings, with each setting of `ADDED_SETTINGS` it lacks (it was written
+        before that setting existed) at the value that reproduces the behaviour of that time; for
+        comparing a saved run with today's. Any other missing key stays missing, so the two differ."""
+        return json.loads(json.dumps({**ADDED_SETTINGS, **values}))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ExperimentConfig":

@@ -131,7 +131,7 @@ class LocalOnly(_Segmented):
 
 
 class FedIT(_Segmented):
-    name, description = "fedit", "FedIT: FedAvg of LoRA and head over all clients"
+    name, description = "fedit", "FedIT: FedAvg of LoRA and head over all clients (the head: per the `head` setting)"
 
     def layer_labels(self, n_layers, n):
         return np.zeros((n_layers, n))
@@ -149,7 +149,7 @@ class OracleGroups(_Segmented):
 
 
 class FedSA(_Segmented):
-    name, description = "fedsa", "FedSA-LoRA: A factors averaged over all clients, B factors and head local"
+    name, description = "fedsa", "FedSA-LoRA: A factors averaged over all clients, B factors and head local (the head: per the `head` setting)"
 
     def layer_labels(self, n_layers, n):
         return np.tile(np.arange(n), (n_layers, 1))

@@ -136,6 +136,10 @@ def check_run_folder(run_dir: Path, config: ExperimentConfig, resume: bool = Fal
     if path.is_file() and not fresh:
         saved = ExperimentConfig.complete(json.loads(path.read_text()))
         wanted = json.loads(json.dumps(config.to_dict()))
+        gone = sorted(set(saved) - set(wanted))
+        if gone:
+            raise RunFolderError(f"run folder {run_dir} holds a run with settings that no longer exist ({gone}); "
+                                 "it cannot be continued with this version: use another --run-dir or --overwrite")
         if saved != wanted:
             diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
             raise RunFolderError(f"run folder {run_dir} holds a run with another config (differs in {diff}); "
