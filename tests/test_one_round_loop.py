@@ -180,6 +180,41 @@ class VanishingGrid(InProcessGrid):
         return super().send_and_receive(messages, timeout=timeout)
 
 
+class MutedOnce(InProcessGrid):
+    """Node `mute` gets no message in the grid's first exchange (its first warm-up reply is missing)."""
+
+    def __init__(self, grid, mute):
+        super().__init__(grid.apps, node_configs={n: c.node_config for n, c in grid.contexts.items()})
+        self.mute, self.calls = mute, 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.calls += bool(messages)
+        if self.calls == 1:
+            messages = [m for m in messages if m.metadata.dst_node_id != self.mute]
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_a_node_that_fails_before_it_ever_replied_is_named_by_its_node_only(model_path, tmp_path, caplog):
+    """On Flower a node says which client it serves in its replies: one that fails the very first round
+    is not known as any client yet, so it is logged and recorded by node id, never as client <node id>."""
+    import logging
+
+    from fedtreelora.flower.server_app import run_on_grid
+    cfg = tiny_config(model_path, dataset="tiny", rounds=1)
+    with in_process_server():
+        grid = flower_grid(cfg.num_clients)
+        mute = next(n for n, c in grid.contexts.items() if c.node_config["partition-id"] == 1)
+        with caplog.at_level(logging.WARNING):
+            out = run_on_grid(MutedOnce(grid, mute), cfg, ["fedtreelora"], tmp_path / "r", round_timeout=None)
+    assert out["failures"] == [{"round": 1, "node": mute, "kind": "train", "reason": "no reply", "client": None,
+                                "phase": "warmup"}]
+    warned = [r.getMessage() for r in caplog.records if "failed to train" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"node {mute} (its client is not known yet")
+    history = out["methods"]["fedtreelora"]["history"]
+    assert "failed" not in history[0] and all(a is not None for a in history[-1]["accuracy"])
+
+
 @pytest.mark.timeout(300)
 def test_a_supernode_that_goes_away_fails_its_rounds_and_nobody_waits_for_it(model_path, tmp_path):
     """On Flower the experiment draws over every client that took part, online or not: a node that

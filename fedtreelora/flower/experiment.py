@@ -128,7 +128,9 @@ class Experiment:
             record = {"round": r, "phase": phase, **{k: info[k] for k in ("joined", "selected", "rebuilt") if k in info}}
             record.update(evaluation_record(strategy.evaluate_metrics.get(r, {}), self.config.num_clients,
                                             self.config.metric_name))
-            failed = {kind: sorted(f["client"] for f in strategy.failures if f["round"] == r and f["kind"] == kind)
+            # a node that failed before it ever replied has no known client: it is in the run's "failures" only
+            failed = {kind: sorted(f["client"] for f in strategy.failures
+                                   if f["round"] == r and f["kind"] == kind and f["client"] is not None)
                       for kind in ("train", "evaluate")}
             if failed["train"] or failed["evaluate"]:
                 record["failed"] = failed

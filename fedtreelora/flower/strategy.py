@@ -117,7 +117,8 @@ class PersonalisedStrategy(Strategy):
     rule : federation.methods.Method
         The rule of the current run (decided once `decided` is True).
     failures : list of dict
-        {"round", "node", "kind", "reason"} (and "client" with `client_key`) of every failed reply.
+        {"round", "node", "kind", "reason"} (and "client" with `client_key`: None for a node that
+        failed before it ever replied, whose client is not known) of every failed reply.
     train_metrics, evaluate_metrics : dict
         Per round, {client: metrics dict} of the replies that arrived.
     rounds : dict
@@ -690,12 +691,17 @@ class PersonalisedStrategy(Strategy):
             arrived[self._identify(node, msg.content)] = msg.content
         failed = set()
         for node in sorted(self._sent.pop(kind, set()) - (answered - set(reasons))):
-            client = self._client_of(node)
-            failed.add(client)
+            # With client_key, a node that has never replied serves a client nobody knows yet: it is
+            # recorded by its node id alone, never as a client index.
+            known = self.client_key is None or node in self._clients_by_node
+            client = self._client_of(node) if known else None
+            if known:
+                failed.add(client)
+            who = self._who(client) if known else f"node {node} (its client is not known yet: it has never replied)"
             timeout = "" if self._timeout is None else f" within {self._timeout} s"
             reason = reasons.get(node, f"no reply{timeout}")
             keeps = "keeps its previous experts and last upload" if kind == "train" else "has no metrics this round"
-            logger.warning("%s failed to %s in round %d: %s; it %s", self._who(client), kind, server_round, reason, keeps)
+            logger.warning("%s failed to %s in round %d: %s; it %s", who, kind, server_round, reason, keeps)
             failure = {"round": server_round, "node": node, "kind": kind, "reason": reason}
             self.failures.append(failure if self.client_key is None else {**failure, "client": client})
         table = self.train_metrics if kind == "train" else self.evaluate_metrics
