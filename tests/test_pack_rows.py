@@ -135,6 +135,20 @@ def test_errors_name_the_part(case, path, monkeypatch):
     assert torch.equal(out, before), "out written before the checks passed"
 
 
+def test_the_reference_path_refuses_overlaps_like_the_kernel(monkeypatch):
+    monkeypatch.setattr(ops, "native_available", lambda: False)
+    parts, out = _args()
+    with pytest.raises(ValueError, match=r"rows overlap"):
+        ops.pack_rows(parts, torch.zeros(10).expand(3, 10))
+    with pytest.raises(ValueError, match=r"parts\[1\] \(key 0, client 1\) overlaps out"):
+        ops.pack_rows(parts[:1] + [out[1, :6]] + parts[2:], out)
+    assert not out.any()   # refused before anything was written
+    wide = torch.zeros(3, 14)
+    ops.pack_rows(parts, wide[:, :10])   # rows of a wider buffer: no overlap, accepted
+    ops.pack_rows(parts, out)
+    torch.testing.assert_close(wide[:, :10], out, rtol=0, atol=0, equal_nan=True)   # the samples hold a NaN
+
+
 @native
 def test_kernel_checks_without_the_wrapper():
     """The C++ checks the wrapper leaves to the kernel, and the ones it repeats, with the same words."""

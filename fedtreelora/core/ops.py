@@ -512,8 +512,7 @@ def pack_rows(parts, out: torch.Tensor) -> None:
         parts that is not a multiple of N, widths that do not sum to W, an out that is not 2-D with
         unit-stride columns, an out that is a conjugate or negative view, a part that requires grad
         while grad mode is on (no autograd through the write: pass detached tensors or use
-        torch.no_grad()), and (checked by the native kernels) rows of out that overlap or a part
-        inside out's span (ValueError).
+        torch.no_grad()), and rows of out that overlap or a part inside out's span (ValueError).
     RuntimeError
         From torch's in-place checks, as for any in-place op: out a leaf that requires grad, or an
         inference tensor outside inference mode. out's version counter is bumped, so a backward
@@ -559,6 +558,7 @@ def pack_rows(parts, out: torch.Tensor) -> None:
         for k, p in enumerate(parts):
             _tensor(p, f"pack_rows: parts[{k}] (key {k // n}, client {k % n})")
         _check_pack_parts(parts, out, n)
+        _check_pack_memory(parts, out, n)
         return reference.pack_rows(parts, out)
     try:
         torch.ops.fedtreelora.pack_rows(parts, out)
@@ -567,6 +567,23 @@ def pack_rows(parts, out: torch.Tensor) -> None:
         for k, p in enumerate(parts):
             _tensor(p, f"pack_rows: parts[{k}] (key {k // n}, client {k % n})")
         raise
+
+
+def _check_pack_memory(parts, out: torch.Tensor, n: int) -> None:
+    """The native kernels' memory checks, for the reference path: rows of out that overlap, and a part
+    inside out's span (first row's start to last row's end), which the copy could overwrite before
+    reading it. Same words as the C++ checks."""
+    w = out.shape[1]
+    if n > 1 and w > 0 and out.stride(0) < w:
+        raise ValueError(f"pack_rows: out's rows overlap (row stride {out.stride(0)} < W={w})")
+    if w == 0:
+        return
+    begin = out.data_ptr()
+    end = begin + ((n - 1) * out.stride(0) + w) * out.element_size()
+    for k, p in enumerate(parts):
+        lo = p.data_ptr()
+        if p.numel() and lo < end and lo + p.numel() * p.element_size() > begin:
+            raise ValueError(f"pack_rows: parts[{k}] (key {k // n}, client {k % n}) overlaps out")
 
 
 # ----------------------------------------------------------------------------------------------
