@@ -147,12 +147,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "federated.json"
     results = {}
-    configs = {s: setting_config(s).to_dict() for s in args.settings}   # read once: what this run measures
+    configs = {s: setting_config(s) for s in args.settings}   # read once: what this run measures
     for setting in args.settings:
         methods = args.methods or SETTING_METHODS.get(setting, list(METHODS))
         results[setting] = {m: [] for m in methods}
         for seed in args.seeds:
-            cfg = ExperimentConfig.from_dict(configs[setting]).replace(seed=seed, **({"num_threads": args.threads} if args.threads else {}))
+            cfg = configs[setting].replace(seed=seed, **({"num_threads": args.threads} if args.threads else {}))
             summary = run_experiment(cfg, methods, Path(args.run_root) / f"{setting}-seed{seed}", resume=True)
             metric = cfg.metric_name
             for name, r in summary["methods"].items():
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
                                                "n_clusters": r["method_state"].get("n_clusters"),
                                                "deepest_ari": deepest_ari(r["method_state"], summary["groups"])})
             # written after every seed so a long run leaves what it measured
-            merged = save(json_path, {setting: results[setting]}, {setting: configs[setting]})
+            merged = save(json_path, {setting: results[setting]}, {setting: configs[setting].to_dict()})
     table = markdown(merged["results"])
     (out / "federated.md").write_text(table)
     from fedtreelora.report import plot_per_client_against, plot_seed_means

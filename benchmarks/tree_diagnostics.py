@@ -24,6 +24,7 @@ def main(argv=None) -> int:
     from sklearn.metrics import adjusted_rand_score
 
     from fedtreelora.core import TreeConfig, build_tree, choose_cuts, client_distances, ops
+    from fedtreelora.core.adapters import parse_layout
     from fedtreelora.federation.checkpoints import load_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
         cut = "" if l == "mean" else int(tree.n_clusters[l])
         ari = "" if l == "mean" else f"{adjusted_rand_score(groups, tree.labels[l].numpy()):.2f}"
         print(f"{l:>5} {sil(d, groups):>11.3f} {sup:>10.3f} {ratio(d, groups):>14.3f} {cut!s:>4} {ari:>15}")
-    head_keys = [k for k in adapters[0] if "lora_" not in k]   # the classifier head (modules_to_save), if any
+    head_keys = parse_layout(adapters).head_keys   # the classifier head (modules_to_save), if any
     if head_keys:
         # The tree reads B factors only; the head follows the deepest layer's cut. Its own distance shows
         # how much of the groups' difference the warm-up left in the head rather than in the B factors.
