@@ -89,17 +89,29 @@ def deepest_ari(method_state: dict, groups: list[int]) -> float | None:
 
 
 MIXING_KEYS = {"mixing_lr", "mixing_init"}   # read only by methods that learn lam
+CUT_KEYS = {"tau", "window"}                  # read only by methods that search the layer-wise cuts
+
+
+def reads(method: str, key: str) -> bool:
+    """Whether `method`'s results can depend on the setting `key`."""
+    m = make_method(method)
+    if key in MIXING_KEYS:
+        return m.learns_lam
+    if key in CUT_KEYS:
+        return m.searches_cuts
+    return True
 
 
 def still_valid(method: str, old_config: dict | None, config: dict) -> bool:
     """Whether `method`'s stored results were measured under `config`: the same settings, or settings
     that differ only in what the method never reads (how lam is learnt, for a method without a
-    learnt lam: local, FedIT, flat, the oracle, lam held fixed)."""
+    learnt lam: local, FedIT, flat, the oracle, lam held fixed; tau and window, for a method without
+    the layer-wise cut search: all but FedTreeLoRA, its lam ablations and per-layer clustering)."""
     if old_config is None:
         return False
     old_config = ExperimentConfig.complete(old_config)   # settings added since it ran: at their earlier behaviour
     changed = {k for k in set(old_config) | set(config) if old_config.get(k) != config.get(k)}
-    return not changed or (changed <= MIXING_KEYS and not make_method(method).learns_lam)
+    return not any(reads(method, k) for k in changed)
 
 
 def in_method_order(by_method: dict) -> dict:

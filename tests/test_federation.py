@@ -181,17 +181,23 @@ def test_mixing_ablations_hold_lam(model_path, tmp_path, monkeypatch):
     assert summary["methods"]["ablation-lam1"]["lam"] == {}
 
 
-def test_only_methods_that_learn_lam_read_the_mixing_settings(model_path, tmp_path):
+@pytest.mark.parametrize("change, reader, expected", [
+    (dict(mixing_lr=0.5, mixing_init=0.6), "learns_lam",
+     {"local", "fedit", "fedsa", "flat", "oracle-groups", "ablation-lam1", "ablation-lam05"}),
+    (dict(tau=1.0, window=2), "searches_cuts",
+     {"local", "fedit", "fedsa", "flat", "oracle-groups", "fedalt", "ablation-fixed"}),
+])
+def test_methods_that_do_not_read_a_setting_are_unchanged_by_it(model_path, tmp_path, change, reader, expected):
     # bench_federated keeps a method's stored results across a change of mixing_lr / mixing_init
-    # exactly when `learns_lam` is False: check that such methods' runs are bit-identical, and that a
-    # method that learns lam does change.
+    # exactly when `learns_lam` is False, and across a change of tau / window exactly when
+    # `searches_cuts` is False: check that such methods' runs are bit-identical, and that FedTreeLoRA,
+    # which reads both, does change.
     cfg = tiny_config(model_path)
-    fixed = [m for m in METHODS if not METHODS[m]().learns_lam]
-    assert {"local", "fedit", "flat", "oracle-groups", "ablation-lam1", "ablation-lam05"} <= set(fixed)
-    methods = fixed + ["fedtreelora"]
+    unread = [m for m in METHODS if not getattr(METHODS[m](), reader)]
+    assert set(unread) == expected
+    methods = unread + ["fedtreelora"]
     a = run_experiment(cfg, methods, tmp_path / "a", dataset=tiny_dataset(), progress=False)["methods"]
-    b = run_experiment(cfg.replace(mixing_lr=0.5, mixing_init=0.6), methods, tmp_path / "b", dataset=tiny_dataset(),
-                       progress=False)["methods"]
-    for name in fixed:
+    b = run_experiment(cfg.replace(**change), methods, tmp_path / "b", dataset=tiny_dataset(), progress=False)["methods"]
+    for name in unread:
         assert a[name]["history"] == b[name]["history"], name
     assert a["fedtreelora"]["history"] != b["fedtreelora"]["history"]

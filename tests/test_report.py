@@ -58,8 +58,10 @@ def test_a_run_of_some_seeds_keeps_the_other_seeds(tmp_path, monkeypatch):
     assert [r["mean_accuracy"] for r in merged["results"]["hierarchical"]["local"]] == [0.85, 0.5]
     assert merged["results"]["hierarchical"]["fedtreelora"] == RECORDS["fedtreelora"]
     # under another config the other seeds are stale and go; a method that does not read the change
-    # (mixing_lr: local does not learn lam) keeps them, one that does (fedtreelora) loses them
-    for change, local_seeds, tree_seeds in ((dict(lr=1e-2), [1], []), (dict(mixing_lr=0.5), [0, 1], [])):
+    # (mixing_lr: local does not learn lam; tau: local searches no cuts) keeps them, one that does
+    # (fedtreelora) loses them
+    for change, local_seeds, tree_seeds in ((dict(lr=1e-2), [1], []), (dict(mixing_lr=0.5), [0, 1], []),
+                                            (dict(tau=0.03), [0, 1], [])):
         bench.save(path, {"hierarchical": RECORDS}, configs)
         changed = {"hierarchical": {**configs["hierarchical"], **change}}
         merged = bench.save(path, {"hierarchical": {"local": [RECORDS["local"][1]]}}, changed)["results"]["hierarchical"]

@@ -24,6 +24,7 @@ class Method:
     description = ""
     fixed_lam: float | None = None   # lam held at this value instead of learnt (the mixing ablation)
     mixing = True                    # the clients receive an external expert to mix in
+    searches_cuts = False            # reads tau and window: a layer-wise cut search decides its partitions
 
     @property
     def learns_lam(self) -> bool:
@@ -203,6 +204,7 @@ class FixedClusters(_OnePartition):
 class PerLayerClusters(_Segmented):
     name, description = "ablation-perlayer", "ablation: each layer clustered on its own distances (no global tree, no nesting), with experts"
     mixing = True
+    searches_cuts = True
 
     placement = "layer"
 
@@ -230,6 +232,7 @@ class FedTreeLoRA(Method):
         More arguments of `fedtreelora.aggregate` (clip_norm, robust, trim_ratio).
     """
     name, description = "fedtreelora", "FedTreeLoRA: one global tree, cut deeper at deeper layers; cluster + external experts"
+    searches_cuts = True
 
     def __init__(self, tree_config=None, **aggregate_options):
         self.settings = tree_config                     # what `setup` builds with (None: the config's)
