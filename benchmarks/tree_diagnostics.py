@@ -20,12 +20,23 @@ import numpy as np
 import torch
 
 
+def load_warmup(run_dir):
+    """(config dict, the clients' warm-up adapters, their planted groups) of a run folder."""
+    from fedtreelora.federation.checkpoints import load_checkpoint
+
+    run = Path(run_dir)
+    config = json.loads((run / "config.json").read_text())
+    _, states = load_checkpoint(run / "checkpoints" / "warmup")
+    adapters = [s.adapter for s in states if s is not None]
+    groups = np.arange(config["num_clients"]) % config["num_groups"]   # the partitioner's round-robin groups
+    return config, adapters, groups[:len(adapters)]
+
+
 def main(argv=None) -> int:
     from sklearn.metrics import adjusted_rand_score
 
     from fedtreelora.core import TreeConfig, build_tree, choose_cuts, client_distances, ops
     from fedtreelora.core.adapters import parse_layout
-    from fedtreelora.federation.checkpoints import load_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
@@ -33,12 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tau", type=float, default=None, help="tau of the re-built tree (default: the run's)")
     parser.add_argument("--window", type=int, default=None, help="window of the re-built tree (default: the run's)")
     args = parser.parse_args(argv)
-    run = Path(args.run_dir)
-    config = json.loads((run / "config.json").read_text())
-    groups = np.arange(config["num_clients"]) % config["num_groups"]   # the partitioner's round-robin groups
-    _, states = load_checkpoint(run / "checkpoints" / "warmup")
-    adapters = [s.adapter for s in states if s is not None]
-    groups = groups[:len(adapters)]
+    config, adapters, groups = load_warmup(args.run_dir)
     supers = config.get("super_groups", 0)
     per_super = config["num_groups"] // supers if supers and supers > 1 else None
     metric = args.metric or config["metric"]
