@@ -1,10 +1,11 @@
 """ExperimentConfig is validated on construction (the tree settings included), before any training."""
 import typing
+from pathlib import Path
 
 import pytest
 
 from fedtreelora.core import TreeConfig
-from fedtreelora.federation.config import ExperimentConfig, Scheduler
+from fedtreelora.federation.config import CALIBRATED_TAU, ExperimentConfig, Scheduler
 
 
 @pytest.mark.parametrize("key, value, allowed", [
@@ -27,9 +28,12 @@ def test_bad_numbers_fail_on_construction(changes, message):
 
 
 def test_tree_defaults_have_one_home():
+    # TreeConfig holds the library's defaults; the experiment takes them all but tau, which is
+    # calibrated for the experiment's default setting and shipped in that setting's config file
     cfg, tree = ExperimentConfig(), TreeConfig()
-    assert cfg.tree_config() == TreeConfig(linkage=tree.linkage, metric=tree.metric, window=tree.window, tau=tree.tau,
-                                           head=tree.head)
+    assert cfg.tree_config() == TreeConfig(linkage=tree.linkage, metric=tree.metric, window=tree.window,
+                                           tau=CALIBRATED_TAU, head=tree.head)
+    assert tree.tau == 0.1 and CALIBRATED_TAU == 0.05
     import argparse
     from fedtreelora.cli import aggregate as command
     parser = argparse.ArgumentParser()
@@ -37,6 +41,12 @@ def test_tree_defaults_have_one_home():
     args = parser.parse_args(["a", "--out", "o"])
     assert (args.linkage, args.metric, args.window, args.tau, args.head) == \
         (tree.linkage, tree.metric, tree.window, tree.tau, tree.head)
+
+
+def test_the_default_setting_is_the_hierarchical_config_file():
+    shipped = ExperimentConfig.from_file(Path(__file__).resolve().parents[1] / "configs" / "hierarchical.yaml")
+    assert shipped.replace(super_groups=None) == ExperimentConfig()   # None nests 4 groups in 2 super-groups
+    assert shipped.super_groups == 2 and shipped.tau == CALIBRATED_TAU
 
 
 def test_scheduler_choices_are_transformers_schedulers():
