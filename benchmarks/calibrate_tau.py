@@ -12,8 +12,8 @@ clients of two groups. The calibrated tau is the largest one whose deepest cut m
 any run: as much sharing as the data allow without merging groups whose tasks conflict (a group
 split in two costs its clients some data; two groups merged cost them their task). As a reference that needs no planted groups, the silhouette
 that a tree finds in data without structure: per run, the 95th percentile over --null draws of the
-best per-layer silhouette (cuts into 2..1+window clusters) of the tree built on the same B factors
-with every column shuffled across clients. A tau below that level splits on noise.
+best silhouette (over the layers, and the cuts into 2..1+window clusters) of the tree built on the
+same B factors with every column shuffled across clients. A tau below that level splits on noise.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from tree_diagnostics import load_warmup
 
 
 def null_silhouette(xb: torch.Tensor, offsets: torch.Tensor, config: dict, draws: int, seed: int = 0) -> float:
-    """95th percentile of the best per-layer silhouette a tree finds in `xb` with its columns shuffled."""
+    """95th percentile of the best silhouette (any layer, 2..1+window clusters) that the tree finds in
+    `xb` [N, P_B] (layer l spans offsets[l]:offsets[l+1]) with every column shuffled across the rows."""
     from fedtreelora.core import ops
 
     g = torch.Generator().manual_seed(seed)
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     from sklearn.metrics import adjusted_rand_score
 
     from fedtreelora.core import TreeConfig, build_tree
-    from fedtreelora.core.tree import _b_rows
+    from fedtreelora.core.adapters import pack, parse_layout
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+")
@@ -73,9 +74,9 @@ def main(argv=None) -> int:
     if args.null:
         refs = []
         for _, config, adapters, _ in runs:
-            xb, b_layout, _, _ = _b_rows(adapters)
-            refs.append(null_silhouette(xb, b_layout.layer_offsets, config, args.null))
-        print("no-structure silhouette (q95 of the best per-layer silhouette, columns shuffled): "
+            b_layout = parse_layout(adapters).b_layout()
+            refs.append(null_silhouette(pack(adapters, b_layout), b_layout.layer_offsets, config, args.null))
+        print("no-structure silhouette (q95 of the best silhouette, columns shuffled): "
               + ", ".join(f"{n} {r:.3f}" for n, r in zip(names, refs)))
     if found:
         print(f"calibrated tau: {max(found):.2f} (the largest whose deepest cut mixes no planted groups on any run)")
