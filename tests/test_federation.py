@@ -130,7 +130,7 @@ def test_tree_recovers_planted_groups_from_real_training(tmp_path):
     from fedtreelora.federation.config import ExperimentConfig
     fed = Federation(ExperimentConfig(), tmp_path, progress=False)
     warm, _ = fed.warmup()
-    tree = ftl.build_tree([s.adapter for s in warm], config=ftl.TreeConfig())
+    tree = ftl.build_tree([s.adapter for s in warm], config=fed.config.tree_config())   # the setting's calibrated tau
     deepest = np.asarray(tree.labels)[-1]
     assert len(set(deepest.tolist())) >= 2
     for c in set(deepest.tolist()):      # every cluster of the deepest cut lies inside one planted group
