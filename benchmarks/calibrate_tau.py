@@ -2,16 +2,18 @@
 
     python benchmarks/calibrate_tau.py runs/calibration/hierarchical-seed5 ...
 
-Warm-up runs for calibration cost no evaluation (`fedtreelora simulate --config configs/hierarchical.yaml
---seed 5 --methods local --set rounds=0 --run-dir runs/calibration/hierarchical-seed5`), and seeds
-that the benchmark does not report keep the calibration apart from the evaluation.
+Warm-up runs for calibration (`fedtreelora simulate --config configs/hierarchical.yaml --seed 5
+--methods local --set rounds=0 --set num_threads=1 --run-dir runs/calibration/hierarchical-seed5`)
+train no federated round; their test accuracy is printed but not used. Seeds that the benchmark does
+not report keep the calibration apart from the evaluation.
 
 For every tau of the grid and every run: the tree's cuts (shallow to deep) and the ARI of the
 deepest cut against the planted groups, marked `mixed` where a cluster of the deepest cut holds
 clients of two groups. The calibrated tau is the largest one whose deepest cut mixes no groups on
 any run: as much sharing as the data allow without merging groups whose tasks conflict (a group
-split in two costs its clients some data; two groups merged cost them their task). As a reference that needs no planted groups, the silhouette
-that a tree finds in data without structure: per run, the 95th percentile over --null draws of the
+split in two costs its clients some data; two groups merged cost them their task). When that is
+the grid's largest tau, it is only a lower bound (say so with a wider --taus). As a reference that
+needs no planted groups, the silhouette that a tree finds in data without structure: per run, the 95th percentile over --null draws of the
 best silhouette (over the layers, and the cuts into 2..1+window clusters) of the tree built on the
 same B factors with every column shuffled across clients. A tau below that level splits on noise.
 """
@@ -49,16 +51,21 @@ def main(argv=None) -> int:
     from fedtreelora.core.adapters import pack, parse_layout
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+")
-    parser.add_argument("--taus", type=float, nargs="+", default=[round(0.01 * i, 2) for i in range(16)])
-    parser.add_argument("--null", type=int, default=20, help="draws of the no-structure reference (0: none)")
+    parser.add_argument("run_dirs", nargs="+", help="run folders with config.json and checkpoints/warmup/ (planted groups >= 2)")
+    parser.add_argument("--taus", type=float, nargs="+", default=[round(0.01 * i, 2) for i in range(16)],
+                        help="the grid (default: 0.00, 0.01, ..., 0.15)")
+    parser.add_argument("--null", type=int, default=20, help="draws of the no-structure reference (0: none; default 20)")
     args = parser.parse_args(argv)
+    if args.null < 0:
+        parser.error(f"--null must be >= 0, got {args.null}")
+    if any(not -1.0 <= t <= 1.0 for t in args.taus):
+        parser.error(f"--taus must lie in [-1, 1] (silhouette levels), got {args.taus}")
     runs = [(d, *load_warmup(d)) for d in args.run_dirs]
+    for d, config, _, _ in runs:
+        if config["num_groups"] < 2:
+            parser.error(f"{d} has {config['num_groups']} planted group: there are no groups to keep apart")
     names = [str(d).rstrip("/").rsplit("/", 1)[-1] for d, *_ in runs]
-    width = max([len(n) for n in names] + [25])   # an ARI, up to 30 cuts, "mixed"
-    print(f"deepest-cut ARI against the planted groups (cuts shallow to deep), {len(runs)} runs")
-    print(f"{'tau':>5}  " + "  ".join(f"{n:>{width}}" for n in names))
-    found = []
+    rows, found = [], []
     for tau in sorted(args.taus):
         cells, pure = [], []
         for _, config, adapters, groups in runs:
@@ -70,6 +77,11 @@ def main(argv=None) -> int:
                          + ("" if pure[-1] else " mixed"))
         if all(pure):
             found.append(tau)
+        rows.append((tau, cells))
+    width = max(len(c) for c in names + [c for _, cells in rows for c in cells])
+    print(f"deepest-cut ARI against the planted groups (cuts shallow to deep), {len(runs)} runs")
+    print(f"{'tau':>5}  " + "  ".join(f"{n:>{width}}" for n in names))
+    for tau, cells in rows:
         print(f"{tau:>5.2f}  " + "  ".join(f"{c:>{width}}" for c in cells))
     if args.null:
         refs = []
@@ -79,7 +91,8 @@ def main(argv=None) -> int:
         print("no-structure silhouette (q95 of the best silhouette, columns shuffled): "
               + ", ".join(f"{n} {r:.3f}" for n, r in zip(names, refs)))
     if found:
-        print(f"calibrated tau: {max(found):.2f} (the largest whose deepest cut mixes no planted groups on any run)")
+        print(f"calibrated tau: {max(found):.2f} (the largest whose deepest cut mixes no planted groups on any run)"
+              + ("; the grid's largest, so only a lower bound: widen --taus" if max(found) == max(args.taus) else ""))
     else:
         print("no tau of the grid keeps the planted groups apart at the deepest layer on every run")
     return 0

@@ -21,15 +21,21 @@ import torch
 
 
 def load_warmup(run_dir):
-    """(config dict, the clients' warm-up adapters, their planted groups) of a run folder."""
+    """(config dict, the clients' warm-up adapters, their planted groups) of a run folder; exits with
+    a message naming the folder when it holds no run config or no committed warm-up."""
     from fedtreelora.federation.checkpoints import load_checkpoint
 
     run = Path(run_dir)
+    if not (run / "config.json").is_file():
+        raise SystemExit(f"{run}: no config.json (not a run folder of `fedtreelora simulate`)")
     config = json.loads((run / "config.json").read_text())
-    _, states = load_checkpoint(run / "checkpoints" / "warmup")
-    adapters = [s.adapter for s in states if s is not None]
-    groups = np.arange(config["num_clients"]) % config["num_groups"]   # the partitioner's round-robin groups
-    return config, adapters, groups[:len(adapters)]
+    loaded = load_checkpoint(run / "checkpoints" / "warmup")
+    if loaded is None:
+        raise SystemExit(f"{run}: no committed warm-up in checkpoints/warmup (a run killed before its first warm-up round?)")
+    states = loaded[1]
+    uploaded = np.array([s is not None for s in states])
+    groups = np.arange(len(states)) % config["num_groups"]   # the partitioner's round-robin groups
+    return config, [s.adapter for s in states if s is not None], groups[uploaded]
 
 
 def main(argv=None) -> int:

@@ -118,3 +118,6 @@ def test_a_run_saved_before_a_setting_existed_is_the_same_run(tmp_path):
     spec.loader.exec_module(module)
     assert module.still_valid("flat", saved, ExperimentConfig().to_dict())
     assert not module.still_valid("flat", saved, ExperimentConfig(head="local").to_dict())
+    assert module.still_valid("flat", saved, ExperimentConfig(tau=0.2).to_dict())          # flat reads no tau
+    assert not module.still_valid("fedtreelora", saved, ExperimentConfig(tau=0.2).to_dict())
+    assert not module.still_valid("a-method-since-removed", saved, ExperimentConfig(tau=0.2).to_dict())

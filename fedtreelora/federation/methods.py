@@ -24,7 +24,7 @@ class Method:
     description = ""
     fixed_lam: float | None = None   # lam held at this value instead of learnt (the mixing ablation)
     mixing = True                    # the clients receive an external expert to mix in
-    searches_cuts = False            # reads tau and window: a layer-wise cut search decides its partitions
+    searches_cuts = False            # reads tau (and window, but per-layer clustering): a cut search decides its partitions
 
     @property
     def learns_lam(self) -> bool:
