@@ -47,7 +47,7 @@ def null_silhouette(xb: torch.Tensor, offsets: torch.Tensor, config: dict, draws
 def main(argv=None) -> int:
     from sklearn.metrics import adjusted_rand_score
 
-    from fedtreelora.core import TreeConfig, build_tree
+    from fedtreelora.core import TreeConfig, build_tree, choose_cuts, client_distances
     from fedtreelora.core.adapters import pack, parse_layout
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,15 +65,19 @@ def main(argv=None) -> int:
         if config["num_groups"] < 2:
             parser.error(f"{d} has {config['num_groups']} planted group: there are no groups to keep apart")
     names = [str(d).rstrip("/").rsplit("/", 1)[-1] for d, *_ in runs]
+    # tau only moves the cut search: the distances and the tree are built once per run, as build_tree builds them
+    built = []
+    for _, config, adapters, groups in runs:
+        tree = build_tree(adapters, config=TreeConfig(linkage=config["linkage"], metric=config["metric"]))
+        built.append((client_distances(adapters, config["metric"])[0], tree.linkage, config["window"], groups))
     rows, found = [], []
     for tau in sorted(args.taus):
         cells, pure = [], []
-        for _, config, adapters, groups in runs:
-            tree = build_tree(adapters, config=TreeConfig(linkage=config["linkage"], metric=config["metric"],
-                                                          window=config["window"], tau=tau))
-            deepest = tree.labels[-1].numpy()
+        for per_layer, z, window, groups in built:
+            n_clusters, labels, _ = choose_cuts(per_layer, z, window, tau)
+            deepest = labels[-1].numpy()
             pure.append(all(len(set(groups[deepest == c].tolist())) == 1 for c in set(deepest.tolist())))
-            cells.append(f"{adjusted_rand_score(groups, deepest):.2f} ({','.join(str(int(c)) for c in tree.n_clusters)})"
+            cells.append(f"{adjusted_rand_score(groups, deepest):.2f} ({','.join(str(int(c)) for c in n_clusters)})"
                          + ("" if pure[-1] else " mixed"))
         if all(pure):
             found.append(tau)
