@@ -183,9 +183,9 @@ def test_mixing_ablations_hold_lam(model_path, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("change, reader, expected", [
     (dict(mixing_lr=0.5, mixing_init=0.6), "learns_lam",
-     {"local", "fedit", "fedsa", "flat", "oracle-groups", "ablation-lam1", "ablation-lam05"}),
+     {"local", "fedit", "fedsa", "flat", "oracle-groups", "oracle-tree", "ablation-lam1", "ablation-lam05"}),
     (dict(tau=1.0, window=2), "searches_cuts",
-     {"local", "fedit", "fedsa", "flat", "oracle-groups", "fedalt", "ablation-fixed"}),
+     {"local", "fedit", "fedsa", "flat", "oracle-groups", "oracle-tree", "fedalt", "ablation-fixed"}),
 ])
 def test_methods_that_do_not_read_a_setting_are_unchanged_by_it(model_path, tmp_path, change, reader, expected):
     # bench_federated keeps a method's stored results across a change of mixing_lr / mixing_init

@@ -118,6 +118,21 @@ def test_fixed_rule_methods(name):
         assert all(e is not None for _, e in experts)
 
 
+@pytest.mark.parametrize("super_groups", [2, 0])
+def test_oracle_tree_shares_a_trunk_then_super_groups_then_groups(super_groups):
+    groups = np.array([0, 0, 1, 1, 2, 2, 3, 3, 1])
+    states = fake_states(len(groups), n_layers=6, groups=groups, seed=5)
+    w = np.array([1.0, 2.0, 3.0, 1.0, 5.0, 2.0, 1.0, 4.0, 2.0])
+    cfg = ExperimentConfig(num_groups=4, super_groups=super_groups)
+    method = make_method("oracle-tree")
+    method.setup(states, w, cfg, groups)
+    supers = np.array([0, 0, 0, 0, 1, 1, 1, 1, 0]) if super_groups else groups
+    levels = [np.zeros_like(groups)] * 2 + [supers] * 2 + [groups] * 2
+    check_against_hand(states, method.aggregate(states, w),
+                       lambda key: groups if layer_of(key) is None else levels[layer_of(key)], w, mixing=False)
+    assert method.summary()["n_clusters"] == [1, 1, 2 if super_groups else 4, 2 if super_groups else 4, 4, 4]
+
+
 @pytest.mark.parametrize("name", ["flat", "ablation-fixed", "ablation-perlayer"])
 def test_clustering_methods_find_planted_groups(name):
     groups = np.array([0, 1, 0, 1, 0, 1])

@@ -149,6 +149,29 @@ class OracleGroups(_Segmented):
         return np.tile(self.groups[:n], (n_layers, 1))
 
 
+class OracleTree(_Segmented):
+    """FedAvg over the true hierarchy, told it: every client shares the shallow third of the layers
+    (a trunk), the planted super-groups share the middle third, the planted groups the deep third
+    and the head (6 layers: cuts 1, 1, S, S, G, G). Without super-groups the middle third follows
+    the groups. A reference, like `oracle-groups`: the two differ only in the shallow and middle
+    layers, so `oracle-tree` minus `oracle-groups` is what a shared trunk is worth in a setting when
+    the tree is right, apart from whether a method finds it."""
+    name, description = "oracle-tree", ("FedAvg over the true hierarchy (told it): all clients at the shallow third "
+                                        "of the layers, super-groups at the middle third, groups at the deep third "
+                                        "(a reference for what a trunk is worth)")
+
+    def setup(self, warm_states, weights, config, groups, names=None):
+        self.groups = np.asarray(groups)
+        super().setup(warm_states, weights, config, groups)
+
+    def layer_labels(self, n_layers, n):
+        groups = self.groups[:n]
+        n_super = self.config.super_group_count
+        supers = groups // (self.config.num_groups // n_super) if n_super > 1 else groups
+        levels = (np.zeros_like(groups), supers, groups)
+        return np.stack([levels[3 * layer // n_layers] for layer in range(n_layers)])
+
+
 class FedSA(_Segmented):
     name, description = "fedsa", "FedSA-LoRA: A factors averaged over all clients, B factors and head local (the head: per the `head` setting)"
 
@@ -299,7 +322,8 @@ class FixedLamHalf(FedTreeLoRA):
 
 
 METHODS = {cls.name: cls for cls in (FedTreeLoRA, LocalOnly, FedIT, FedSA, FlatClusters, FedALT,
-                                     FixedClusters, PerLayerClusters, FixedLamOne, FixedLamHalf, OracleGroups)}
+                                     FixedClusters, PerLayerClusters, FixedLamOne, FixedLamHalf, OracleGroups,
+                                     OracleTree)}
 # `fedtreelora simulate` with no --methods: the method against no sharing and against one global
 # adapter, which fits 10 minutes on 2 cores; the other baselines and ablations on request.
 DEFAULT_METHODS = ["fedtreelora", "local", "fedit"]
