@@ -92,7 +92,7 @@ def plot_seed_means(by_method: dict, path, title: str = "") -> None:
     acc = [100 * np.array([r[f"mean_{metric}"] for r in by_method[m]]) for m in names]
     fig = _figure(figsize=(max(5.0, 0.8 * len(names) + 2), 4.0))
     ax = fig.add_subplot()
-    colours = ["#d95f02" if m == "fedtreelora" else "#7570b3" if m == "oracle-groups" else "#1b9e77" for m in names]
+    colours = ["#d95f02" if m == "fedtreelora" else "#7570b3" if m.startswith("oracle-") else "#1b9e77" for m in names]
     ax.bar(range(len(names)), [a.mean() for a in acc], yerr=[a.std() for a in acc], color=colours, capsize=4)
     for i, a in enumerate(acc):   # every seed as a dot: the spread is visible, not only summarised
         ax.plot([i] * len(a), a, "k.", markersize=4)

@@ -49,6 +49,31 @@ def test_the_default_setting_is_the_hierarchical_config_file():
     assert shipped.super_groups == 2 and shipped.tau == CALIBRATED_TAU
 
 
+def test_every_config_file_is_a_benchmark_setting_measured_with_exactly_it():
+    # The README reports benchmarks/results/federated.json, measured per setting with the config
+    # stored beside it: every file in configs/ must be a setting there, and each stored method's
+    # results must still hold for the file as it is (bench_federated.still_valid), so a config edited
+    # without re-running its benchmark fails here.
+    import importlib.util
+    import json
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_federated", root / "benchmarks" / "bench_federated.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    stored = json.loads((root / "benchmarks" / "results" / "federated.json").read_text())
+    files = sorted(p.stem for p in (root / "configs").glob("*.yaml"))
+    assert files == sorted(bench.SETTINGS)
+    for name in files:
+        cfg = ExperimentConfig.from_file(root / "configs" / f"{name}.yaml").to_dict()
+        assert stored["results"].get(name), f"configs/{name}.yaml has no results in federated.json"
+        measured = stored["settings"][name]
+        if "model" not in measured:   # recorded before whole configs were stored: the keys it varied only
+            assert {k: cfg[k] for k in measured} == measured, f"configs/{name}.yaml differs from {measured}"
+            continue
+        stale = [m for m in stored["results"][name] if not bench.still_valid(m, measured, cfg)]
+        assert not stale, f"configs/{name}.yaml is not what {stale} were measured with"
+
+
 def test_scheduler_choices_are_transformers_schedulers():
     from transformers import SchedulerType
     assert set(typing.get_args(Scheduler)) == {s.value for s in SchedulerType}
