@@ -133,6 +133,25 @@ def test_oracle_tree_shares_a_trunk_then_super_groups_then_groups(super_groups):
     assert method.summary()["n_clusters"] == [1, 1, 2 if super_groups else 4, 2 if super_groups else 4, 4, 4]
 
 
+@pytest.mark.parametrize("n_layers, cuts", [(1, [4]), (2, [1, 4]), (3, [1, 2, 4])])
+def test_oracle_tree_always_ends_at_the_groups(n_layers, cuts):
+    groups = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    states = fake_states(len(groups), n_layers=n_layers, groups=groups, seed=6)
+    method = make_method("oracle-tree")
+    method.setup(states, np.ones(len(groups)), ExperimentConfig(num_groups=4, super_groups=2), groups)
+    assert method.summary()["n_clusters"] == cuts
+
+
+def test_oracle_tree_invents_no_super_groups_for_prompt_datasets():
+    # prompt datasets put one group per client (partition_by_group), never nested in super-groups
+    groups = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    cfg = ExperimentConfig(task="causal_lm", dataset="aclsum", model="smollm2", num_groups=4, group_column="task")
+    assert cfg.super_group_count == 2
+    method = make_method("oracle-tree")
+    method.setup(fake_states(8, n_layers=6, groups=groups, seed=7), np.ones(8), cfg, groups)
+    assert method.summary()["n_clusters"] == [1, 1, 4, 4, 4, 4]
+
+
 @pytest.mark.parametrize("name", ["flat", "ablation-fixed", "ablation-perlayer"])
 def test_clustering_methods_find_planted_groups(name):
     groups = np.array([0, 1, 0, 1, 0, 1])

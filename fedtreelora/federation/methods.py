@@ -152,10 +152,12 @@ class OracleGroups(_Segmented):
 class OracleTree(_Segmented):
     """FedAvg over the true hierarchy, told it: every client shares the shallow third of the layers
     (a trunk), the planted super-groups share the middle third, the planted groups the deep third
-    and the head (6 layers: cuts 1, 1, S, S, G, G). Without super-groups the middle third follows
-    the groups. A reference, like `oracle-groups`: the two differ only in the shallow and middle
-    layers, so `oracle-tree` minus `oracle-groups` is what a shared trunk is worth in a setting when
-    the tree is right, apart from whether a method finds it."""
+    (6 layers: cuts 1, 1, S, S, G, G); the deepest layer always follows the groups, and so does the
+    head under `head: deepest`. Without super-groups (and for prompt datasets, whose groups are not
+    nested) the middle third follows the groups. A reference, like `oracle-groups`: one fixed split
+    of the layers, no external expert, so FedTreeLoRA, whose trunk can be deeper, may beat it.
+    `oracle-tree` minus `oracle-groups` is what this trunk is worth in a setting, apart from whether
+    a method finds it."""
     name, description = "oracle-tree", ("FedAvg over the true hierarchy (told it): all clients at the shallow third "
                                         "of the layers, super-groups at the middle third, groups at the deep third "
                                         "(a reference for what a trunk is worth)")
@@ -166,10 +168,13 @@ class OracleTree(_Segmented):
 
     def layer_labels(self, n_layers, n):
         groups = self.groups[:n]
-        n_super = self.config.super_group_count
+        nested = self.config.task == "classification"   # data.partition nests groups; partition_by_group does not
+        n_super = self.config.super_group_count if nested else 0
         supers = groups // (self.config.num_groups // n_super) if n_super > 1 else groups
         levels = (np.zeros_like(groups), supers, groups)
-        return np.stack([levels[3 * layer // n_layers] for layer in range(n_layers)])
+        thirds = [3 * layer // n_layers for layer in range(n_layers)]
+        thirds[-1] = 2
+        return np.stack([levels[t] for t in thirds])
 
 
 class FedSA(_Segmented):
