@@ -47,7 +47,7 @@ def null_silhouette(xb: torch.Tensor, offsets: torch.Tensor, config: dict, draws
 def main(argv=None) -> int:
     from sklearn.metrics import adjusted_rand_score
 
-    from fedtreelora.core import TreeConfig, build_tree, choose_cuts, client_distances
+    from fedtreelora.core import choose_cuts, client_distances, ops
     from fedtreelora.core.adapters import pack, parse_layout
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,11 +65,12 @@ def main(argv=None) -> int:
         if config["num_groups"] < 2:
             parser.error(f"{d} has {config['num_groups']} planted group: there are no groups to keep apart")
     names = [str(d).rstrip("/").rsplit("/", 1)[-1] for d, *_ in runs]
-    # tau only moves the cut search: the distances and the tree are built once per run, as build_tree builds them
+    # tau only moves the cut search: the distances and the tree (build_tree's: linkage on the mean
+    # distance) are built once per run
     built = []
     for _, config, adapters, groups in runs:
-        tree = build_tree(adapters, config=TreeConfig(linkage=config["linkage"], metric=config["metric"]))
-        built.append((client_distances(adapters, config["metric"])[0], tree.linkage, config["window"], groups))
+        per_layer, mean = client_distances(adapters, config["metric"])
+        built.append((per_layer, ops.linkage(mean, config["linkage"]), config["window"], groups))
     rows, found = [], []
     for tau in sorted(args.taus):
         cells, pure = [], []

@@ -1,4 +1,5 @@
 """ExperimentConfig is validated on construction (the tree settings included), before any training."""
+import importlib.util
 import typing
 from pathlib import Path
 
@@ -43,6 +44,15 @@ def test_tree_defaults_have_one_home():
         (tree.linkage, tree.metric, tree.window, tree.tau, tree.head)
 
 
+def bench_federated():
+    """benchmarks/bench_federated.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("bench_federated_for_config",
+                                                  Path(__file__).resolve().parents[1] / "benchmarks" / "bench_federated.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_default_setting_is_the_hierarchical_config_file():
     shipped = ExperimentConfig.from_file(Path(__file__).resolve().parents[1] / "configs" / "hierarchical.yaml")
     assert shipped.replace(super_groups=None) == ExperimentConfig()   # None nests 4 groups in 2 super-groups
@@ -54,12 +64,9 @@ def test_every_config_file_is_a_benchmark_setting_measured_with_exactly_it():
     # stored beside it: every file in configs/ must be a setting there, and each stored method's
     # results must still hold for the file as it is (bench_federated.still_valid), so a config edited
     # without re-running its benchmark fails here.
-    import importlib.util
     import json
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("bench_federated", root / "benchmarks" / "bench_federated.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_federated()
     stored = json.loads((root / "benchmarks" / "results" / "federated.json").read_text())
     files = sorted(p.stem for p in (root / "configs").glob("*.yaml"))
     assert files == sorted(bench.SETTINGS)
@@ -117,9 +124,7 @@ def test_two_groups_rotate_labels_one_super_group_each_does_not():
 def test_a_run_saved_before_a_setting_existed_is_the_same_run(tmp_path):
     # A setting added later (here `head`) defaults to the behaviour before it: a run folder or a
     # benchmark result saved without it is still today's run, and a real change is named.
-    import importlib.util
     import json
-    from pathlib import Path
 
     from fedtreelora.federation.checkpoints import RunFolderError
     from fedtreelora.federation.schedule import check_run_folder
@@ -137,10 +142,7 @@ def test_a_run_saved_before_a_setting_existed_is_the_same_run(tmp_path):
     with pytest.raises(RunFolderError, match=r"settings that no longer exist \(\['old_setting'\]\)"):
         check_run_folder(tmp_path, ExperimentConfig(), resume=True)
 
-    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_federated.py"
-    spec = importlib.util.spec_from_file_location("bench_federated_for_config", bench)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = bench_federated()
     assert module.still_valid("flat", saved, ExperimentConfig().to_dict())
     assert not module.still_valid("flat", saved, ExperimentConfig(head="local").to_dict())
     assert module.still_valid("flat", saved, ExperimentConfig(tau=0.2).to_dict())          # flat reads no tau

@@ -419,6 +419,12 @@ def group_permutation(group: int, num_labels: int) -> np.ndarray:
     return (np.arange(num_labels) + group) % num_labels
 
 
+def super_group_of(group, num_groups: int, super_groups: int):
+    """The super-group that `partition` nests group `group` (an int or an int array) in, for
+    `super_groups` > 1 dividing `num_groups`: consecutive groups share one."""
+    return group // (num_groups // super_groups)
+
+
 def group_classes(group: int, num_groups: int, classes: list[int], per_group: int) -> list[int]:
     """Classes a group draws its documents from: `per_group` consecutive classes (cyclically) starting
     at group * (len(classes) // num_groups), so groups overlap as little as the counts allow;
@@ -470,9 +476,8 @@ def partition(labels: np.ndarray, num_clients: int, samples_per_client: int, *, 
     for k in range(num_clients):
         group = k % num_groups
         if super_groups > 1:   # nested: topics by super-group, label meaning by rank inside it
-            per_super = num_groups // super_groups
-            own = group_classes(group // per_super, super_groups, classes, classes_per_group)
-            rotation = group % per_super
+            own = group_classes(super_group_of(group, num_groups, super_groups), super_groups, classes, classes_per_group)
+            rotation = group % (num_groups // super_groups)
         else:
             own = group_classes(group, num_groups, classes, classes_per_group)
             rotation = group

@@ -15,6 +15,7 @@ import torch
 
 from ..core import AggregationTree, aggregate, build_tree, choose_cuts, client_distances, group_experts, ops
 from ..core.adapters import parse_layout
+from .data import super_group_of
 
 Experts = list[tuple[dict, "dict | None"]]
 
@@ -170,7 +171,7 @@ class OracleTree(_Segmented):
         groups = self.groups[:n]
         nested = self.config.task == "classification"   # data.partition nests groups; partition_by_group does not
         n_super = self.config.super_group_count if nested else 0
-        supers = groups // (self.config.num_groups // n_super) if n_super > 1 else groups
+        supers = super_group_of(groups, self.config.num_groups, n_super) if n_super > 1 else groups
         levels = (np.zeros_like(groups), supers, groups)
         thirds = [3 * layer // n_layers for layer in range(n_layers)]
         thirds[-1] = 2
