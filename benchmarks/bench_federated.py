@@ -32,7 +32,8 @@ from fedtreelora.federation.methods import METHODS, make_method
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SETTINGS = {name: CONFIGS / f"{name}.yaml" for name in ("planted-groups", "dirichlet-only", "hierarchical", "hierarchical-starved",
                                                         "hierarchical-starved-local-head",
-                                                        "hierarchical-wide", "hierarchical-pairs", "hierarchical-disjoint", "one-domain", "nlg-aclsum")}
+                                                        "hierarchical-wide", "hierarchical-pairs", "hierarchical-disjoint",
+                                                        "hierarchical-disjoint-short", "one-domain", "nlg-aclsum")}
 SETTING_METHODS = {"nlg-aclsum": ["fedtreelora", "fedalt", "fedit", "local"]}
 
 
