@@ -30,10 +30,10 @@ from fedtreelora.federation.schedule import run_experiment
 from fedtreelora.federation.methods import METHODS, make_method
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SETTINGS = {name: CONFIGS / f"{name}.yaml" for name in ("planted-groups", "dirichlet-only", "hierarchical", "hierarchical-starved",
-                                                        "hierarchical-starved-local-head",
-                                                        "hierarchical-wide", "hierarchical-pairs", "hierarchical-disjoint",
-                                                        "hierarchical-disjoint-short", "one-domain", "nlg-aclsum")}
+SETTINGS = {name: CONFIGS / f"{name}.yaml" for name in ("hierarchical", "hierarchical-disjoint", "hierarchical-overlap",
+                                                        "hierarchical-starved", "hierarchical-starved-local-head",
+                                                        "hierarchical-wide", "hierarchical-pairs", "one-domain",
+                                                        "planted-groups", "dirichlet-only", "nlg-aclsum")}
 SETTING_METHODS = {"nlg-aclsum": ["fedtreelora", "fedalt", "fedit", "local"]}
 
 

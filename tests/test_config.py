@@ -34,7 +34,7 @@ def test_tree_defaults_have_one_home():
     cfg, tree = ExperimentConfig(), TreeConfig()
     assert cfg.tree_config() == TreeConfig(linkage=tree.linkage, metric=tree.metric, window=tree.window,
                                            tau=CALIBRATED_TAU, head=tree.head)
-    assert tree.tau == 0.1 and CALIBRATED_TAU == 0.05
+    assert tree.tau == 0.1 and CALIBRATED_TAU == 0.11
     import argparse
     from fedtreelora.cli import aggregate as command
     parser = argparse.ArgumentParser()

@@ -1,9 +1,9 @@
 """Run the federated experiment in-process: a shared warm-up, then every method, on one data split.
 
 With no arguments: the hierarchical setting (configs/hierarchical.yaml): all-MiniLM-L6-v2 (offline
-package) on BBC News (offline package), 16 data-starved clients in 4 planted groups nested in 2
-super-groups, LoRA r=4 on query/value plus the head, 2 warm-up + 2 federated rounds of 8 steps at
-batch 16; methods fedtreelora, local and fedit (about 7 minutes on 2 cores). Prints a table and
+package) on BBC News (offline package, 16 tokens per document), 16 data-starved clients in 4 planted
+groups nested in 2 super-groups, LoRA r=4 on query/value plus the head, 2 warm-up + 2 federated
+rounds of 8 steps at batch 16; methods fedtreelora, local and fedit (about 2 minutes on 2 cores). Prints a table and
 writes the run folder: metrics.json, table.md, accuracy.png, tree.json, tree.png, config.json, checkpoints/.
 """
 from __future__ import annotations
