@@ -1,5 +1,5 @@
-"""Federated benchmark: every method on the settings of configs/ (planted groups, Dirichlet-only,
-hierarchical), 3 seeds.
+"""Federated benchmark: every method on the settings of configs/ (`SETTINGS`: the default `hierarchical`
+and its variants, one-domain, planted groups, Dirichlet-only), seeds 0, 1, 2 unless --seeds says otherwise.
 
     python benchmarks/bench_federated.py [--settings hierarchical] [--seeds 0 1 2] [--methods ...] [--out benchmarks/results]
 and the causal-LM setting `nlg-aclsum` (configs/nlg-aclsum.yaml: SmolLM2 on ACLSum, ROUGE-1;

@@ -59,6 +59,20 @@ def test_the_default_setting_is_the_hierarchical_config_file():
     assert shipped.super_groups == 2 and shipped.tau == CALIBRATED_TAU
 
 
+def test_max_length_left_null_is_the_tasks_default():
+    # 16 tokens suit the default classification setting but hold no causal-LM response: a causal-LM
+    # config that does not set max_length gets room for prompt + response, and an explicit value wins
+    from fedtreelora.federation.config import TASK_MAX_LENGTH
+    causal = dict(task="causal_lm", model="smollm2", dataset="aclsum")
+    assert ExperimentConfig().max_length == TASK_MAX_LENGTH["classification"] == 16
+    assert ExperimentConfig.from_dict(causal).max_length == TASK_MAX_LENGTH["causal_lm"] == 128
+    assert ExperimentConfig.from_dict({**causal, "max_length": 64}).max_length == 64
+    assert ExperimentConfig.from_dict({**causal, "max_length": None}).to_dict()["max_length"] == 128
+    assert dict((name, default) for name, default, _ in ExperimentConfig.fields_help())["max_length"] is None
+    with pytest.raises(ValueError, match="max_length must be >= 1"):
+        ExperimentConfig(max_length=0)
+
+
 def test_every_config_file_is_a_benchmark_setting_measured_with_exactly_it():
     # The README reports benchmarks/results/federated.json, measured per setting with the config
     # stored beside it: every file in configs/ must be a setting there, and each stored method's

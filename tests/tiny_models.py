@@ -61,7 +61,7 @@ def tiny_gpt2(seed: int = 0):
 
 def tiny_config(model_path: str, **changes):
     from fedtreelora.federation.config import ExperimentConfig
-    base = dict(model=model_path, dataset="unused", max_length=12, num_clients=4, num_groups=2,
+    base = dict(model=model_path, dataset="unused", max_length=12, num_clients=4, num_groups=2, classes_per_group=3,
                 samples_per_client=60, dirichlet_alpha=1.0, super_groups=0, train_fraction=2 / 3, lora_r=2, lora_alpha=4.0, local_steps=3,
                 batch_size=8, lr=1e-2, mixing_lr=3e-2, warmup_rounds=2, rounds=2, fixed_clusters=2, seed=0, num_threads=1)
     base.update(changes)

