@@ -153,6 +153,15 @@ def test_simulate_command_settings_and_help(tmp_path, capsys):
     cfg = simulate.build_config(args)
     assert (cfg.rounds, cfg.lr, cfg.target_modules, cfg.seed) == (7, 0.01, ["query"], 3)
     assert cfg.num_clients == ExperimentConfig().num_clients
+    # a file that leaves max_length null, turned causal-LM by --set, gets the causal-LM default; one
+    # that writes it keeps it
+    args = parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--set", "task=causal_lm", "--set", "model=smollm2",
+                              "--set", "dataset=aclsum", "--set", "target_modules=[]"])
+    assert simulate.build_config(args).max_length == 128
+    (tmp_path / "fixed.yaml").write_text("max_length: 40\n")
+    args = parser.parse_args(["--config", str(tmp_path / "fixed.yaml"), "--set", "task=causal_lm", "--set", "model=smollm2",
+                              "--set", "dataset=aclsum"])
+    assert simulate.build_config(args).max_length == 40
     (tmp_path / "c.json").write_text(json.dumps({"round": 3}))
     assert simulate.run(parser.parse_args(["--config", str(tmp_path / "c.json")])) == 2
     assert "unknown config key(s) ['round']" in capsys.readouterr().err

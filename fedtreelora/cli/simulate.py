@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_config(args):
     import yaml
     from ..federation.config import ExperimentConfig
-    values = ExperimentConfig.from_file(args.config).to_dict() if args.config else {}
+    values = ExperimentConfig.read_file(args.config) if args.config else {}
     for item in args.set:
         if "=" not in item:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")

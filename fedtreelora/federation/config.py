@@ -181,7 +181,10 @@ class ExperimentConfig:
         return json.loads(json.dumps({**ADDED_SETTINGS, **values}))
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ExperimentConfig":
+    def read_file(cls, path: str | Path) -> dict:
+        """The settings a YAML or JSON file writes, as written (checked by building a config from them):
+        overrides merged into them before `from_dict` still reach the defaults that depend on other
+        settings (a file's null `max_length` follows a `task` set on top of it)."""
         path = Path(path)
         text = path.read_text()
         if path.suffix.lower() in (".yaml", ".yml"):
@@ -191,7 +194,12 @@ class ExperimentConfig:
             values = json.loads(text)
         if not isinstance(values, dict):
             raise ValueError(f"config file {path} must hold a mapping of settings, got {type(values).__name__}")
-        return cls.from_dict(values)
+        cls.from_dict(values)
+        return values
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ExperimentConfig":
+        return cls.from_dict(cls.read_file(path))
 
     def replace(self, **changes) -> "ExperimentConfig":
         return ExperimentConfig.from_dict({**self.to_dict(), **changes})

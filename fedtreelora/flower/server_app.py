@@ -33,7 +33,7 @@ APP_KEYS = {"config-file", "method", "run-dir", "round-timeout", "connect-timeou
 def config_from_run_config(run_config: dict) -> ExperimentConfig:
     """ExperimentConfig from a Flower run config (see the module docstring); unknown keys are an error."""
     fields = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
-    values = ExperimentConfig.from_file(run_config["config-file"]).to_dict() if run_config.get("config-file") else {}
+    values = ExperimentConfig.read_file(run_config["config-file"]) if run_config.get("config-file") else {}
     unknown = []
     for key, value in run_config.items():
         if key in APP_KEYS:
