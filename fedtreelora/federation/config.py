@@ -182,9 +182,9 @@ class ExperimentConfig:
 
     @classmethod
     def read_file(cls, path: str | Path) -> dict:
-        """The settings a YAML or JSON file writes, as written (checked by building a config from them):
-        overrides merged into them before `from_dict` still reach the defaults that depend on other
-        settings (a file's null `max_length` follows a `task` set on top of it)."""
+        """The settings a YAML or JSON file writes, as written; `from_dict` checks them. Overrides merged
+        into them before `from_dict` still reach the defaults that depend on other settings (a file's
+        null `max_length` follows a `task` set on top of it)."""
         path = Path(path)
         text = path.read_text()
         if path.suffix.lower() in (".yaml", ".yml"):
@@ -194,7 +194,6 @@ class ExperimentConfig:
             values = json.loads(text)
         if not isinstance(values, dict):
             raise ValueError(f"config file {path} must hold a mapping of settings, got {type(values).__name__}")
-        cls.from_dict(values)
         return values
 
     @classmethod
